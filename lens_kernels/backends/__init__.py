@@ -22,6 +22,8 @@ what their kernels rely on.
     ``groups`` a :class:`lens_kernels.groups.GroupLayout`, ``cfg`` a
     :class:`lens_kernels.config.LossConfig`.  Returns the loss and ``dlogp = d loss / d logp``
     (the epilogue's backward is ``grad_loss * dlogp``), plus the per-row/group outputs.
+    The torch backend instead provides ``epilogue`` with the same arguments, plain PyTorch
+    differentiable in ``logp`` (``dlogp`` None): autograd and ``torch.compile`` see through it.
 """
 from __future__ import annotations
 

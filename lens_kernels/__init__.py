@@ -1,0 +1,22 @@
+"""lens-kernels: fused kernels for the LENS calibrated-reward GRPO loss (arXiv 2510.08696).
+
+``fused_lens_loss`` goes from logits to the clipped-surrogate loss without materialising the
+vocabulary-wide log-softmax; ``reference`` is the same math in plain PyTorch.
+"""
+from . import reference
+from .api import LensAdvantages, fused_lens_loss, lens_advantages, token_logprobs
+from .backends import is_available
+from .output import LensOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fused_lens_loss",
+    "token_logprobs",
+    "lens_advantages",
+    "reference",
+    "LensOutput",
+    "LensAdvantages",
+    "is_available",
+    "__version__",
+]

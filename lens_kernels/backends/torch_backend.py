@@ -1,0 +1,78 @@
+"""Torch backend: the vocabulary pass in row chunks, the epilogue from ``reference``.
+
+Works on any device.  The forward keeps ``[B, T]`` fp32 log-probs and logsumexps; the
+backward recomputes the softmax chunk by chunk from the saved logsumexp.  Temporaries are
+bounded by ``CHUNK_BYTES`` whatever the problem size.  The epilogue runs
+:func:`lens_kernels.reference.epilogue` in float64 and takes ``d loss / d logp`` from autograd,
+so its formulas are the reference's own.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from .. import reference
+from ..config import EpilogueResult, LossConfig
+from ..groups import GroupLayout
+
+# Bound on the fp32 temporaries of one chunk (about three [rows, V] fp32 buffers live at once).
+CHUNK_BYTES = 192 * 2**20
+
+
+def is_available(device: Optional[torch.device] = None) -> bool:
+    return True
+
+
+def _chunks(batch: int, length: int, vocab: int) -> Iterator[tuple[slice, slice]]:
+    """Rectangles ``(rows of B, positions of T)`` of at most ``CHUNK_BYTES / (12 V)`` rows,
+    so that strided logits (e.g. ``logits[:, :-1]``) are sliced, never copied whole."""
+    rows = max(1, CHUNK_BYTES // (12 * vocab))
+    if rows >= length:
+        step = rows // length
+        for b in range(0, batch, step):
+            yield slice(b, b + step), slice(0, length)
+    else:
+        for b in range(batch):
+            for t in range(0, length, rows):
+                yield slice(b, b + 1), slice(t, t + rows)
+
+
+def logprobs_forward(logits, target_ids, inv_temperature):
+    batch, length, vocab = logits.shape
+    logp = logits.new_empty((batch, length), dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    for rows, cols in _chunks(batch, length, vocab):
+        z = logits[rows, cols].float() * inv_temperature
+        lse[rows, cols] = torch.logsumexp(z, -1)
+        logp[rows, cols] = z.gather(-1, target_ids[rows, cols].unsqueeze(-1)).squeeze(-1) - lse[rows, cols]
+    return logp, lse
+
+
+def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace):
+    batch, length, vocab = logits.shape
+    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    for rows, cols in _chunks(batch, length, vocab):
+        scale = (grad_logp[rows, cols] * inv_temperature).unsqueeze(-1)
+        z = logits[rows, cols].float() * inv_temperature
+        chunk = torch.exp(z - lse[rows, cols].unsqueeze(-1)).mul_(-scale)
+        chunk.scatter_add_(-1, target_ids[rows, cols].unsqueeze(-1), scale)
+        grad[rows, cols] = chunk.masked_fill_(scale == 0, 0)
+    return grad
+
+
+def epilogue(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    groups: GroupLayout,
+    ref: Optional[torch.Tensor],
+    cfg: LossConfig,
+) -> EpilogueResult:
+    """The reference epilogue in float64, differentiable in ``logp``; fp32 results."""
+    result = reference.epilogue(
+        logp.double(), old.double(), mask, rewards.double(), groups, cfg,
+        None if ref is None else ref.double(),
+    )
+    return EpilogueResult(*(None if t is None else t.float() for t in result))

@@ -1,0 +1,286 @@
+"""SPEC section 1 in plain PyTorch: the executable specification.
+
+Written for clarity, not speed: it materialises ``log_softmax`` over the vocabulary and, by
+default, computes in float64.  Every backend is tested against these functions, and the torch
+backend runs the epilogue functions (steps 3-9) directly.  Each function is differentiable in
+``logp`` where the SPEC says gradients flow; confidences, difficulties and advantages are
+computed from detached values.
+
+Masked-out positions never enter a sum: they are selected away with ``torch.where``, so even
+non-finite values there cannot leak into any output or gradient.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .config import LENGTH_GAMMA_MIN_GAP, EpilogueResult, LossConfig
+from .groups import GroupLayout
+
+__all__ = [
+    "token_logprobs",
+    "sequence_confidence",
+    "group_difficulty",
+    "calibrated_rewards",
+    "advantages",
+    "token_objective",
+    "aggregate",
+    "calibrate",
+    "epilogue",
+    "fused_lens_loss",
+]
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Step 1: ``log softmax(logits / tau)[target]``.  ``[B, T, V] -> [B, T]``."""
+    z = logits.to(compute_dtype) / temperature
+    return z.log_softmax(-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_confidence(old: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: ``(pibar [B], n [B])``, the geometric-mean probability under pi_old and the
+    number of completion tokens; ``pibar = 0`` for rows with ``n = 0``."""
+    mask = mask.bool()
+    n = mask.sum(-1).to(old.dtype)
+    total = torch.where(mask, old, 0).sum(-1)
+    pibar = torch.where(n > 0, torch.exp(total / n.clamp(min=1)), 0)
+    return pibar, n
+
+
+def _group_sum(values: torch.Tensor, groups: GroupLayout) -> torch.Tensor:
+    out = values.new_zeros(groups.num_groups)
+    return out.index_add(0, groups.group_id, values)
+
+
+def _group_max(values: torch.Tensor, groups: GroupLayout) -> torch.Tensor:
+    out = values.new_full((groups.num_groups,), float("-inf"))
+    return out.scatter_reduce(0, groups.group_id, values, "amax", include_self=True)
+
+
+def _group_sizes(values: torch.Tensor, groups: GroupLayout) -> torch.Tensor:
+    return _group_sum(torch.ones_like(values), groups)
+
+
+def negative_groups(rewards: torch.Tensor, groups: GroupLayout) -> torch.Tensor:
+    """Step 4: ``[num_groups]`` bool, True where every reward of the group is 0."""
+    return _group_max(rewards, groups) == 0
+
+
+def group_difficulty(pibar: torch.Tensor, rewards: torch.Tensor, groups: GroupLayout) -> torch.Tensor:
+    """Step 5: ``D [num_groups]``.  Mixed groups ``max(G / sum_{pibar>0} r/pibar, 2 max pibar)``
+    (the first term ``+inf`` when that sum is 0), negative groups ``2 max pibar``."""
+    sizes = _group_sizes(pibar, groups)
+    peak = _group_max(pibar, groups)
+    inverse = torch.where(pibar > 0, rewards / torch.where(pibar > 0, pibar, 1), 0)
+    total = _group_sum(inverse, groups)
+    implied = torch.where(total > 0, sizes / torch.where(total > 0, total, 1), float("inf"))
+    mixed = torch.maximum(implied, 2 * peak)
+    return torch.where(negative_groups(rewards, groups), 2 * peak, mixed)
+
+
+def calibrated_rewards(
+    pibar: torch.Tensor,
+    n: torch.Tensor,
+    rewards: torch.Tensor,
+    difficulty: torch.Tensor,
+    groups: GroupLayout,
+    length_gamma: Optional[float] = None,
+) -> torch.Tensor:
+    """Step 6 (or step 10 with ``length_gamma``): ``rt [B]``.
+
+    ``rt = r - (1 - r) * penalty`` with ``penalty = (1/G) pibar / (D - pibar)``, or with
+    ``length_gamma`` ``(1/n) pibar / max(gamma - pibar, LENGTH_GAMMA_MIN_GAP * gamma)``; the
+    penalty is 0 for ``pibar = 0``.
+    """
+    live = pibar > 0
+    if length_gamma is None:
+        sizes = _group_sizes(pibar, groups)[groups.group_id]
+        gap = difficulty[groups.group_id] - pibar
+        penalty = pibar / (sizes * torch.where(live, gap, 1))
+    else:
+        gap = (length_gamma - pibar).clamp(min=LENGTH_GAMMA_MIN_GAP * length_gamma)
+        penalty = pibar / (n.clamp(min=1) * gap)
+    return rewards - (1 - rewards) * torch.where(live, penalty, 0)
+
+
+def _normalised(values: torch.Tensor, groups: GroupLayout, scale: bool, eps: float) -> torch.Tensor:
+    sizes = _group_sizes(values, groups)
+    mean = (_group_sum(values, groups) / sizes)[groups.group_id]
+    centred = values - mean
+    if not scale:
+        return centred
+    var = _group_sum(centred * centred, groups) / (sizes - 1)
+    return centred / (var.sqrt()[groups.group_id] + eps)
+
+
+def advantages(
+    rewards: torch.Tensor,
+    rt: torch.Tensor,
+    groups: GroupLayout,
+    cfg: LossConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 7: ``(A [B], used [B])`` where ``used`` is the reward each row's advantage was
+    computed from (``rt`` or ``r`` depending on the mode and the row's group type)."""
+    negative = negative_groups(rewards, groups)[groups.group_id]
+    lens_mixed = cfg.mode in ("lens", "lens-mixed-only")
+    lens_negative = cfg.mode in ("lens", "lens-negative-only")
+    used = torch.where(negative, rt if lens_negative else rewards, rt if lens_mixed else rewards)
+    mixed_adv = _normalised(used, groups, cfg.scale_by_std, cfg.std_eps)
+    if lens_negative:
+        negative_adv = cfg.alpha * _normalised(used, groups, False, cfg.std_eps)
+    else:
+        negative_adv = mixed_adv
+    return torch.where(negative, negative_adv, mixed_adv), used
+
+
+def token_objective(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    cfg: LossConfig,
+    ref: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Step 8: ``(loss [B, T], clipped [B, T] bool, k3 [B, T] or None)`` per token.
+
+    Differentiable in ``logp``; ``old``, ``adv`` and ``ref`` are constants.
+    """
+    a = adv.unsqueeze(-1)
+    ratio = torch.exp(logp - old)
+    clipped_ratio = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+    unclipped_loss, clipped_loss = -a * ratio, -a * clipped_ratio
+    loss = -torch.minimum(a * ratio, a * clipped_ratio)
+    clipped = (clipped_loss > unclipped_loss).detach()
+    if cfg.clip_ratio_c is not None:
+        loss = torch.where(a < 0, torch.minimum(loss, -a * cfg.clip_ratio_c), loss)
+    k3 = None
+    if ref is not None:
+        delta = ref - logp
+        k3 = torch.exp(delta) - delta - 1
+        if cfg.beta > 0:
+            loss = loss + cfg.beta * k3
+    return loss, clipped, k3
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
+    """Step 9: reduce ``[B, T]`` values over masked positions to a scalar (0 with no tokens)."""
+    mask = mask.bool()
+    values = torch.where(mask, per_token, 0)
+    n = mask.sum(-1).to(values.dtype)
+    rows = (n > 0).sum().to(values.dtype).clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        return (values.sum(-1) / n.clamp(min=1)).sum() / rows
+    if loss_agg_mode == "token-mean":
+        return values.sum() / n.sum().clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return values.sum() / rows
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return values.sum() / mask.numel()
+    raise ValueError(f"loss_agg_mode: unknown {loss_agg_mode!r}")
+
+
+class Calibration(NamedTuple):
+    """Steps 3-7 for one batch (computed from detached ``old`` log-probs)."""
+
+    confidence: torch.Tensor  # [B] pibar
+    lengths: torch.Tensor  # [B] n
+    difficulty: torch.Tensor  # [num_groups] D
+    negative: torch.Tensor  # [num_groups] bool
+    advantages: torch.Tensor  # [B]
+    calibrated_rewards: torch.Tensor  # [B] the reward each advantage was computed from
+
+
+def calibrate(
+    old: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, groups: GroupLayout, cfg: LossConfig
+) -> Calibration:
+    """Steps 3-7: confidence, group type, difficulty, calibrated rewards, advantages."""
+    old = old.detach()
+    pibar, n = sequence_confidence(old, mask)
+    rewards = rewards.detach().to(old.dtype)
+    difficulty = group_difficulty(pibar, rewards, groups)
+    rt = calibrated_rewards(pibar, n, rewards, difficulty, groups, cfg.length_gamma)
+    adv, used = advantages(rewards, rt, groups, cfg)
+    return Calibration(pibar, n, difficulty, negative_groups(rewards, groups), adv, used)
+
+
+def epilogue(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    groups: GroupLayout,
+    cfg: LossConfig,
+    ref: Optional[torch.Tensor] = None,
+) -> EpilogueResult:
+    """Steps 3-9 from token log-probs; ``loss`` is differentiable in ``logp``.
+
+    ``dlogp`` of the returned record is None here (autograd provides it); backends that
+    compute the epilogue in a kernel return it explicitly.
+    """
+    cal = calibrate(old, mask, rewards, groups, cfg)
+    per_token, clipped, k3 = token_objective(logp, old.detach(), cal.advantages, cfg, ref)
+    dtype = cal.confidence.dtype
+    return EpilogueResult(
+        loss=aggregate(per_token, mask, cfg.loss_agg_mode),
+        dlogp=None,
+        advantages=cal.advantages,
+        calibrated_rewards=cal.calibrated_rewards,
+        confidence=cal.confidence,
+        difficulty=cal.difficulty,
+        negative_group_fraction=cal.negative.to(dtype).mean(),
+        clip_fraction=aggregate(clipped.to(dtype), mask, "token-mean"),
+        kl=None if k3 is None else aggregate(k3.detach(), mask, "token-mean"),
+    )
+
+
+def fused_lens_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_size: Optional[int] = None,
+    group_index: Optional[torch.Tensor] = None,
+    old_logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    mode: str = "lens",
+    alpha: float = 0.25,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    clip_ratio_c: Optional[float] = None,
+    temperature: float = 1.0,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    scale_by_std: bool = True,
+    std_eps: float = 1e-6,
+    length_gamma: Optional[float] = None,
+    backend: str = "auto",
+    compute_dtype: torch.dtype = torch.float64,
+    **_ignored,
+):
+    """The whole loss in plain PyTorch, same signature as :func:`lens_kernels.fused_lens_loss`.
+
+    ``backend`` and the fused function's extra options are accepted and ignored, so the two
+    are drop-in replacements; ``compute_dtype`` (default float64) is the precision of every
+    step, which is how tests measure PyTorch's own error in bf16/fp16.  Arguments are checked
+    exactly as in the fused function.
+    """
+    from .output import LensOutput
+    from .validation import validate
+
+    checked = validate(
+        logits, target_ids, completion_mask, rewards, group_size, group_index,
+        old_logprobs, ref_logprobs, beta, mode, alpha, eps_low, eps_high, clip_ratio_c,
+        temperature, loss_agg_mode, scale_by_std, std_eps, length_gamma, "torch",
+    )
+    logp = token_logprobs(logits, target_ids, temperature, compute_dtype)
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(compute_dtype)
+    ref = None if ref_logprobs is None else ref_logprobs.to(compute_dtype)
+    result = epilogue(
+        logp, old, completion_mask, rewards.to(compute_dtype), checked.groups, checked.cfg, ref
+    )
+    return LensOutput.from_epilogue(result, logp.detach())

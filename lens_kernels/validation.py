@@ -1,0 +1,169 @@
+"""Argument checks of SPEC section 3, run once at the public boundary before any kernel.
+
+Shape, dtype, device and option checks always run.  Checks that read tensor values (target id
+range, reward range, mask values, group sizes under ``group_index``) need a host sync; they
+run in eager mode and are skipped while ``torch.compile`` traces, where they would break the
+graph.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import backends
+from .config import LOSS_AGG_MODES, MODES, LossConfig
+from .groups import GroupLayout, contiguous_groups, indexed_groups
+
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Checked(NamedTuple):
+    """What validation hands to the dispatcher."""
+
+    groups: GroupLayout
+    cfg: LossConfig
+    backend: str
+
+
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _tensor(name: str, value, shape: tuple, device: torch.device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {list(shape)}, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the logits' device), got {value.device}")
+    return value
+
+
+def _float_tensor(name: str, value, shape: tuple, device: torch.device) -> torch.Tensor:
+    _tensor(name, value, shape, device)
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+    return value
+
+
+def _number(name: str, value, low: float, high: float = math.inf, *, open_low=False, open_high=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    below = value <= low if open_low else value < low
+    above = value >= high if open_high else value > high
+    if below or above:
+        left, right = "(" if open_low else "[", ")" if open_high else "]"
+        raise ValueError(f"{name}: expected a value in {left}{low}, {high}{right}, got {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_logits(logits) -> torch.Tensor:
+    """``logits``: a ``[B, T, V]`` fp32/bf16/fp16 tensor with ``V >= 1``."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor [B, T, V], got {type(logits).__name__}")
+    if logits.dim() != 3 or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected shape [B, T, V] with V >= 1, got {list(logits.shape)}")
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"logits: expected dtype float32, bfloat16 or float16, got {logits.dtype}")
+    return logits
+
+
+def check_targets(target_ids, logits: torch.Tensor) -> torch.Tensor:
+    """``target_ids``: int64 ``[B, T]`` with ``0 <= id < V``."""
+    batch, length, vocab = logits.shape
+    _tensor("target_ids", target_ids, (batch, length), logits.device)
+    if target_ids.dtype != torch.int64:
+        raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
+    if _eager() and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= vocab)).any()):
+        bad = target_ids[(target_ids < 0) | (target_ids >= vocab)][0].item()
+        raise ValueError(f"target_ids: expected ids in [0, {vocab}) (V = logits.shape[-1]), found {bad}")
+    return target_ids
+
+
+def check_temperature(temperature) -> float:
+    return _number("temperature", temperature, 0.0, open_low=True)
+
+
+def check_mask(completion_mask, shape: tuple, device: torch.device) -> torch.Tensor:
+    """``completion_mask``: ``[B, T]`` bool, or numbers that are all 0 or 1."""
+    _tensor("completion_mask", completion_mask, shape, device)
+    if completion_mask.dtype != torch.bool:
+        if completion_mask.is_complex():
+            raise TypeError(f"completion_mask: expected bool or 0/1 numbers, got {completion_mask.dtype}")
+        if _eager() and bool(((completion_mask != 0) & (completion_mask != 1)).any()):
+            raise ValueError("completion_mask: expected bool or values in {0, 1}, found other values")
+    return completion_mask
+
+
+def check_rewards(rewards, batch: int, device: torch.device) -> torch.Tensor:
+    """``rewards``: float ``[B]`` in ``[0, 1]``, no NaN."""
+    _float_tensor("rewards", rewards, (batch,), device)
+    if _eager() and not bool(((rewards >= 0) & (rewards <= 1)).all()):
+        raise ValueError("rewards: expected values in [0, 1] (binary or fractional), found values outside or NaN")
+    return rewards
+
+
+def check_groups(group_size, group_index, batch: int, device: torch.device) -> GroupLayout:
+    """Exactly one of ``group_size`` (``G >= 2`` dividing ``B``) and ``group_index`` (int64
+    ``[B]``, every group at least 2 rows)."""
+    if (group_size is None) == (group_index is None):
+        raise ValueError("group_size / group_index: pass exactly one of the two")
+    if group_index is None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise ValueError(f"group_size: expected an int >= 2, got {group_size!r}")
+        if group_size < 2:
+            raise ValueError(f"group_size: expected an int >= 2 (a group of one row has no baseline), got {group_size}")
+        if batch % group_size:
+            raise ValueError(f"group_size: B = {batch} rows are not divisible by group_size = {group_size}")
+        return contiguous_groups(batch, group_size, device)
+    _tensor("group_index", group_index, (batch,), device)
+    if group_index.dtype != torch.int64:
+        raise TypeError(f"group_index: expected dtype int64, got {group_index.dtype}")
+    groups = indexed_groups(group_index)
+    if _eager() and groups.num_groups and int(groups.size.min()) < 2:
+        raise ValueError("group_index: every group needs at least 2 rows, found a group of size 1")
+    return groups
+
+
+def validate(
+    logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs,
+    ref_logprobs, beta, mode, alpha, eps_low, eps_high, clip_ratio_c, temperature,
+    loss_agg_mode, scale_by_std, std_eps, length_gamma, backend,
+) -> Checked:
+    """Check every argument of ``fused_lens_loss``; raise ``ValueError``/``TypeError`` naming it."""
+    check_logits(logits)
+    batch, length, _ = logits.shape
+    device = logits.device
+    check_targets(target_ids, logits)
+    check_mask(completion_mask, (batch, length), device)
+    check_rewards(rewards, batch, device)
+    groups = check_groups(group_size, group_index, batch, device)
+    for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if value is not None:
+            _float_tensor(name, value, (batch, length), device)
+    beta = _number("beta", beta, 0.0)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta: a KL penalty (beta > 0) needs ref_logprobs")
+    cfg = LossConfig(
+        mode=_choice("mode", mode, MODES),
+        alpha=_number("alpha", alpha, 0.0),
+        eps_low=_number("eps_low", eps_low, 0.0, 1.0),
+        eps_high=_number("eps_high", eps_high, 0.0),
+        clip_ratio_c=None if clip_ratio_c is None else _number("clip_ratio_c", clip_ratio_c, 1.0, open_low=True),
+        beta=beta,
+        loss_agg_mode=_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES),
+        scale_by_std=bool(scale_by_std),
+        std_eps=_number("std_eps", std_eps, 0.0),
+        length_gamma=None if length_gamma is None else _number("length_gamma", length_gamma, 0.0, 1.0, open_low=True),
+    )
+    check_temperature(temperature)
+    backend = backends.resolve(_choice("backend", backend, backends.BACKENDS), device)
+    return Checked(groups, cfg, backend)
