@@ -1,0 +1,180 @@
+"""Vocabulary pass in Triton: token log-probs and their gradient without a ``[B, T, V]`` fp32 buffer.
+
+One program per ``(b, t)`` row on a 1-D grid over ``N = B * T`` rows, so no grid dimension
+bounds ``T``.  Each program streams its row of ``V`` logits in ``BLOCK_V`` chunks:
+
+* forward: an online logsumexp in fp32 (running max ``m`` and rescaled sum ``s``), then one
+  extra load of the target logit; writes ``logp`` and ``lse`` (``[B, T]`` fp32) only;
+* backward: recomputes ``p = exp(z - lse)`` from the saved ``lse`` and writes
+  ``grad_logp * inv_t * (onehot - p)`` in the logits' dtype, into a new contiguous tensor or
+  back into the logits' own storage; rows with ``grad_logp == 0`` store zeros without
+  reading the logits (padding fast path, NaN-safe).
+
+Addressing: the row index and ``b``, ``t`` are int64 before they meet a stride, and the
+vocabulary offset is widened to int64 before it is multiplied by ``stride_v``, so
+``B * T * V >= 2**31`` and arbitrary strides (e.g. ``logits[:, :-1, :]``, never copied) work.
+
+Specialisation: ``T`` is ``do_not_specialize`` (it only feeds ``row // T``), so a new
+sequence length never recompiles.  ``V`` and the strides keep Triton's default integer
+specialisation (value 1, divisibility by 16): that is what lets the compiler prove the
+vocabulary axis contiguous and the chunk mask 16-aligned and emit 128-bit loads.  It costs at
+most a handful of variants (``V % 16 == 0`` or not, ``stride_v == 1`` or not, and int32/int64
+strides past ``2**31``), never one per ``V``.
+
+Launch shape (unmeasured on GPU so far): ``BLOCK_V`` is 8192 for 2-byte logits and 4096 for
+fp32 (16 KiB per chunk), capped at ``next_power_of_2(V)``, with ``BLOCK_V // 512`` warps
+(1 to 16), i.e. 16 elements per thread per chunk.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_CHUNK_BYTES = 16384
+_MAX_WARPS = 16
+
+
+@triton.jit(do_not_specialize=["T"])
+def _logprobs_fwd_kernel(
+    logits_ptr, target_ptr, logp_ptr, lse_ptr,
+    T, V,
+    stride_b, stride_t, stride_v,
+    stride_tgt_b, stride_tgt_t,
+    inv_t,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    row_ptr = logits_ptr + b * stride_b + t * stride_t
+    lanes = tl.arange(0, BLOCK_V)
+
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + lanes
+        z = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < V, other=float("-inf"))
+        z = z.to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # A chunk of only -inf (with nothing finite before it) must not turn into -inf - -inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
+    z_target = tl.load(row_ptr + target * stride_v).to(tl.float32) * inv_t
+    tl.store(logp_ptr + row, z_target - lse)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _logprobs_bwd_kernel(
+    grad_logp_ptr, logits_ptr, target_ptr, lse_ptr, grad_ptr,
+    T, V,
+    stride_b, stride_t, stride_v,
+    stride_tgt_b, stride_tgt_t,
+    stride_gb, stride_gt, stride_gv,
+    inv_t,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    grad_row_ptr = grad_ptr + b * stride_gb + t * stride_gt
+    lanes = tl.arange(0, BLOCK_V)
+    g = tl.load(grad_logp_ptr + row)
+
+    if g == 0.0:
+        zeros = tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            cols = start + lanes
+            tl.store(grad_row_ptr + cols.to(tl.int64) * stride_gv, zeros, mask=cols < V)
+    else:
+        row_ptr = logits_ptr + b * stride_b + t * stride_t
+        lse = tl.load(lse_ptr + row)
+        target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
+        coef = g * inv_t
+        for start in range(0, V, BLOCK_V):
+            cols = start + lanes
+            in_row = cols < V
+            z = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row, other=0.0)
+            p = tl.exp(z.to(tl.float32) * inv_t - lse)
+            grad = coef * (tl.where(cols == target, 1.0, 0.0) - p)
+            tl.store(
+                grad_row_ptr + cols.to(tl.int64) * stride_gv,
+                grad.to(grad_ptr.dtype.element_ty),
+                mask=in_row,
+            )
+
+
+def _launch_shape(vocab: int, element_size: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` for a row of ``vocab`` logits of ``element_size`` bytes."""
+    block_v = min(triton.next_power_of_2(vocab), _CHUNK_BYTES // element_size)
+    return block_v, max(1, min(_MAX_WARPS, block_v // 512))
+
+
+def _check(logits: torch.Tensor, target_ids: torch.Tensor) -> None:
+    assert logits.dim() == 3, "logits must be [B, T, V]"
+    assert logits.dtype in (torch.float32, torch.bfloat16, torch.float16), logits.dtype
+    assert target_ids.shape == logits.shape[:2] and target_ids.dtype == torch.int64
+    assert target_ids.device == logits.device
+
+
+def logprobs_forward(
+    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, lse)``, both ``[B, T]`` fp32 contiguous, for ``z = logits * inv_temperature``."""
+    _check(logits, target_ids)
+    batch, seq, vocab = logits.shape
+    logp = torch.empty((batch, seq), device=logits.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    rows = batch * seq
+    if rows == 0:
+        return logp, lse
+    block_v, num_warps = _launch_shape(vocab, logits.element_size())
+    _logprobs_fwd_kernel[(rows,)](
+        logits, target_ids, logp, lse,
+        seq, vocab,
+        *logits.stride(),
+        *target_ids.stride(),
+        float(inv_temperature),
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return logp, lse
+
+
+def logprobs_backward(
+    grad_logp: torch.Tensor,
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    lse: torch.Tensor,
+    inv_temperature: float,
+    inplace: bool,
+) -> torch.Tensor:
+    """``grad_logp * inv_t * (onehot - softmax(z))`` in ``logits.dtype``: a new contiguous
+    tensor, or (``inplace=True``) written over ``logits`` itself, which is returned."""
+    _check(logits, target_ids)
+    assert grad_logp.shape == logits.shape[:2] and grad_logp.dtype == torch.float32
+    assert lse.shape == logits.shape[:2] and lse.dtype == torch.float32
+    grad_logp = grad_logp.contiguous()
+    lse = lse.contiguous()
+    batch, seq, vocab = logits.shape
+    grad = logits if inplace else torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+    rows = batch * seq
+    if rows == 0:
+        return grad
+    block_v, num_warps = _launch_shape(vocab, logits.element_size())
+    _logprobs_bwd_kernel[(rows,)](
+        grad_logp, logits, target_ids, lse, grad,
+        seq, vocab,
+        *logits.stride(),
+        *target_ids.stride(),
+        *grad.stride(),
+        float(inv_temperature),
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return grad
