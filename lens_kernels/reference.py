@@ -223,7 +223,11 @@ def epilogue(
     compute the epilogue in a kernel return it explicitly.
     """
     cal = calibrate(old, mask, rewards, groups, cfg)
-    per_token, clipped, k3 = token_objective(logp, old.detach(), cal.advantages, cfg, ref)
+    # Zero the masked-out positions before any arithmetic, so that even non-finite values
+    # there get an exactly zero gradient (a where after exp() would pass 0 * inf = NaN back).
+    live = mask.bool()
+    keep = lambda t: None if t is None else torch.where(live, t, 0)  # noqa: E731
+    per_token, clipped, k3 = token_objective(keep(logp), keep(old.detach()), cal.advantages, cfg, keep(ref))
     dtype = cal.confidence.dtype
     return EpilogueResult(
         loss=aggregate(per_token, mask, cfg.loss_agg_mode),

@@ -1,4 +1,4 @@
-"""Triton backend: the vocabulary pass (``logprobs``) and the epilogue (``epilogue``) as kernels.
+"""Triton backend: the vocabulary pass (``logprobs``) and the epilogue (``loss_epilogue``) as kernels.
 
 Runs on CUDA devices, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set
 before ``triton`` is imported), which is how it is tested without a GPU.  Importing this
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .epilogue import epilogue_forward
+from .loss_epilogue import epilogue_forward
 from .logprobs import logprobs_backward, logprobs_forward
 
 __all__ = ["is_available", "logprobs_forward", "logprobs_backward", "epilogue_forward"]

@@ -1,0 +1,231 @@
+"""Every option of the trainer, in one dataclass, with YAML and command-line round trips.
+
+Defaults are the paper's (section 6 and Appendix D.1): G = 16 completions for each of 32
+prompts per step, temperature 1.0, top-p 1.0, clip 0.2, alpha 0.25, no KL, learning rate 1e-6.
+Without a ``model`` the trainer runs the embedded default instead: ``TOY_DEFAULTS`` is laid
+over these values (a tiny model built on the spot, a larger learning rate, short answers).
+Precedence, lowest first: dataclass defaults, ``TOY_DEFAULTS`` (only when no model is named),
+the YAML file, command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+MODES = ("lens", "grpo", "lens-mixed-only", "lens-negative-only")
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``lens-train`` (each is also a flag: ``group_size`` -> ``--group-size``)."""
+
+    # --- run -------------------------------------------------------------------------------
+    model: Optional[str] = None  # local transformers causal-LM folder; None = embedded tiny model
+    run_dir: str = "runs/lens"  # checkpoints, metrics.jsonl, plot; one sub-folder per mode
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    bf16: bool = True  # bf16 autocast on a GPU (weights stay fp32); ignored on a CPU
+    gradient_checkpointing: bool = True  # on a GPU only
+    cpu_threads: int = 0  # torch.set_num_threads when > 0
+    plugins: list[str] = field(default_factory=list)  # modules imported first (register verifiers)
+    # --- data ------------------------------------------------------------------------------
+    train_data: str = "toy"  # "toy" (generated arithmetic) or a MATH-style JSONL file
+    eval_data: str = "toy"  # "toy", a JSONL file, or "" for no evaluation
+    prompt_template: str = (
+        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    )
+    use_chat_template: bool = False  # wrap the prompt with the tokenizer's chat template
+    max_prompt_tokens: int = 1024  # longer prompts are dropped when the data is loaded
+    toy_train_size: int = 4000
+    toy_eval_size: int = 200
+    # --- rollouts --------------------------------------------------------------------------
+    rollout: str = "hf"  # hf (transformers generate) | vllm
+    group_size: int = 16  # G completions per prompt
+    prompts_per_step: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    generation_batch_prompts: int = 0  # prompts per generate call; 0 = all at once
+    vllm_gpu_memory_utilization: float = 0.4
+    # --- rewards ---------------------------------------------------------------------------
+    verifier: str = "math-verify"  # a name in lens_kernels.train.rewards.VERIFIERS
+    verify_timeout: float = 10.0  # seconds per answer before the worker is killed
+    verify_workers: int = 1
+    # --- loss (passed to lens_kernels.fused_lens_loss) -------------------------------------
+    modes: list[str] = field(default_factory=lambda: ["lens"])  # each runs from the same start
+    alpha: float = 0.25
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: Optional[float] = None
+    kl_beta: float = 0.0  # > 0 keeps a frozen reference copy of the starting policy
+    loss_agg_mode: str = "seq-mean-token-mean"
+    scale_by_std: bool = True
+    length_gamma: Optional[float] = None
+    loss_backend: str = "auto"
+    # --- optimisation ----------------------------------------------------------------------
+    steps: int = 500
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ppo_epochs: int = 1
+    minibatch_prompts: int = 0  # prompts per optimizer update; 0 = all prompts of the step
+    micro_batch_rows: int = 0  # rows per forward/backward (gradient accumulation); 0 = minibatch
+    # --- supervised warm start (before RL, shared by every mode) ---------------------------
+    warm_start_steps: int = 0
+    warm_start_lr: float = 1e-3
+    warm_start_batch: int = 64
+    # --- evaluation, logging, checkpoints --------------------------------------------------
+    eval_every: int = 50  # steps; also evaluated before the first and after the last step
+    eval_samples: int = 16  # n completions per prompt for the unbiased pass@k
+    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    eval_prompts: int = 0  # 0 = the whole evaluation set
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    progress: bool = True
+    # --- embedded tiny model (used when model is None) -------------------------------------
+    toy_hidden_size: int = 96
+    toy_layers: int = 2
+    toy_heads: int = 4
+
+    def __post_init__(self) -> None:
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"modes: unknown mode {mode!r}; expected one of {MODES}")
+        if len(set(self.modes)) != len(self.modes) or not self.modes:
+            raise ValueError(f"modes: expected distinct modes, got {self.modes}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size: expected >= 2, got {self.group_size}")
+        if self.rollout not in ("hf", "vllm"):
+            raise ValueError(f"rollout: expected 'hf' or 'vllm', got {self.rollout!r}")
+        mb = self.minibatch_prompts
+        if mb < 0 or (mb and self.prompts_per_step % mb):
+            raise ValueError(
+                f"minibatch_prompts: expected 0 or a divisor of prompts_per_step "
+                f"({self.prompts_per_step}), got {mb}"
+            )
+        if self.eval_ks and max(self.eval_ks) > self.eval_samples:
+            raise ValueError(
+                f"eval_ks: largest k ({max(self.eval_ks)}) exceeds eval_samples "
+                f"({self.eval_samples})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; see lens-train --help")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+# The embedded default: a tiny model learns the toy task on a CPU in a few minutes.  The
+# learning rate is the one knob that must differ from the paper's (a 0.2M-parameter model
+# trained from scratch needs a far larger step than a pretrained 3B one).
+TOY_DEFAULTS: dict[str, Any] = {
+    "run_dir": "runs/toy",
+    "prompt_template": "{problem}",
+    "max_new_tokens": 8,
+    "modes": ["lens", "grpo"],
+    "steps": 60,
+    "lr": 3e-4,
+    "minibatch_prompts": 8,
+    "warm_start_steps": 300,
+    "eval_every": 10,
+    "eval_samples": 16,
+    "save_every": 20,
+    "cpu_threads": 2,
+}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    return values
+
+
+def resolve_config(yaml_path: Optional[str], overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < TOY_DEFAULTS (no model named) < YAML < ``overrides`` (command line)."""
+    merged = dict(load_yaml(yaml_path)) if yaml_path else {}
+    merged.update(overrides)
+    base = {} if merged.get("model") else dict(TOY_DEFAULTS)
+    base.update(merged)
+    return TrainConfig.from_dict(base)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check/convert one YAML or flag value to the field's type (ints become floats, etc.)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(name, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(name, v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{name}: unsupported option type {hint}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: Optional[list[str]] = None) -> None:
+    """One flag per field (``--group-size``), default unset so that only given flags override."""
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        shown = getattr(defaults, f.name)
+        if isinstance(shown, list):
+            shown = ",".join(map(str, shown))
+        help_text = f"(default {shown!r}; embedded default {TOY_DEFAULTS[f.name]!r})" if (
+            f.name in TOY_DEFAULTS
+        ) else f"(default {shown!r})"
+        if hints[f.name] is bool:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=help_text,
+            )
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
+
+
+def flag_overrides(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The config fields that were given on the command line (raw strings, coerced later)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(namespace).items() if k in names}
