@@ -3,15 +3,21 @@
 Three kernels and a few ``[B]``-sized torch ops, no host sync:
 
 1. ``_row_stats_kernel`` (grid ``B``): ``n_b`` and ``pibar_b = exp(sum_t m * old / n_b)``
-   (0 when ``n_b = 0``), accumulated in float64.
+   (0 when ``n_b = 0``).
 2. ``_group_kernel`` (grid ``num_groups``, one group of at most ``BLOCK_G`` rows gathered
    through ``GroupLayout.order``): negative test, difficulty ``D``, calibrated rewards,
-   group mean / Bessel std and the advantages of every mode, in float64 (it is O(B) work, and
-   it keeps near-constant groups from amplifying fp32 rounding through ``1 / (std + eps)``).
+   group mean / Bessel std and the advantages of every mode.
 3. ``_token_kernel`` (1-D grid over ``(row, chunk of BLOCK_T positions)``): ratio, clipped
-   surrogate, dual clip, k3 KL, the per-row aggregation weight; writes ``dlogp`` and one
-   partial loss / clip count / KL sum per program, summed afterwards by ``torch.sum``
+   surrogate, dual clip, k3 KL, the per-row aggregation weight; writes ``dlogp`` (fp32) and
+   one partial loss / clip count / KL sum per program, summed afterwards by ``torch.sum``
    (deterministic, no atomics).
+
+Precision: inputs are read as fp32 and all arithmetic is float64, like the reference.  The
+epilogue is O(B*T) work next to the O(B*T*V) vocabulary pass, so float64 costs nothing that
+shows on a data-centre GPU, and it matters: the loss is often a near-cancelling sum (advantages
+are zero-mean per group; on-policy it is 0 up to rounding), which fp32 would only match to
+~1e-8 absolute, and ``1 / (std + eps)`` amplifies rounding in near-constant groups.  Float
+options are annotated ``tl.float64`` (exact on a GPU; the CPU interpreter rounds them to fp32).
 
 Conventions follow ``lens_kernels.reference`` (autograd of its formulas): ``torch.minimum``
 splits its gradient on exact ties, ``clamp`` passes it on the closed interval, masked-out
@@ -32,6 +38,7 @@ from ...groups import GroupLayout
 
 _ROW_BLOCK = 2048
 _TOKEN_BLOCK = 1024
+
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -58,7 +65,7 @@ def _row_stats_kernel(old_ptr, mask_ptr, n_ptr, pibar_ptr, T, BLOCK_T: tl.conste
 def _group_kernel(
     rewards_ptr, pibar_ptr, n_ptr, order_ptr, start_ptr, size_ptr,
     adv_ptr, used_ptr, difficulty_ptr, negative_ptr,
-    alpha, std_eps, gamma, min_gap,
+    alpha: tl.float64, std_eps: tl.float64, gamma: tl.float64, min_gap: tl.float64,
     LENS_MIXED: tl.constexpr, LENS_NEGATIVE: tl.constexpr,
     SCALE_BY_STD: tl.constexpr, USE_GAMMA: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -110,9 +117,9 @@ def _group_kernel(
     else:
         adv = normalised
 
-    tl.store(adv_ptr + rows, adv.to(tl.float32), mask=valid)
-    tl.store(used_ptr + rows, used.to(tl.float32), mask=valid)
-    tl.store(difficulty_ptr + group, difficulty.to(tl.float32))
+    tl.store(adv_ptr + rows, adv, mask=valid)
+    tl.store(used_ptr + rows, used, mask=valid)
+    tl.store(difficulty_ptr + group, difficulty)
     tl.store(negative_ptr + group, tl.where(negative, 1.0, 0.0))
 
 
@@ -121,7 +128,7 @@ def _token_kernel(
     logp_ptr, old_ptr, mask_ptr, ref_ptr, adv_ptr, weight_ptr,
     dlogp_ptr, loss_part_ptr, clip_part_ptr, kl_part_ptr,
     T, chunks_per_row,
-    clip_low, clip_high, clip_ratio_c, beta,
+    clip_low: tl.float64, clip_high: tl.float64, clip_ratio_c: tl.float64, beta: tl.float64,
     DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -131,8 +138,8 @@ def _token_kernel(
     inside = cols < T
     offs = row.to(tl.int64) * T + cols
     live = (tl.load(mask_ptr + offs, mask=inside, other=0.0) != 0) & inside
-    logp = tl.load(logp_ptr + offs, mask=live, other=0.0)
-    old = tl.load(old_ptr + offs, mask=live, other=0.0)
+    logp = tl.load(logp_ptr + offs, mask=live, other=0.0).to(tl.float64)
+    old = tl.load(old_ptr + offs, mask=live, other=0.0).to(tl.float64)
     a = tl.load(adv_ptr + row)
     weight = tl.load(weight_ptr + row)
 
@@ -156,15 +163,16 @@ def _token_kernel(
         d_loss = tl.where(a < 0, d_capped, d_loss)
         loss = tl.where(a < 0, tl.minimum(loss, cap), loss)
     if HAS_REF:
-        delta = tl.load(ref_ptr + offs, mask=live, other=0.0) - logp
-        k3 = tl.exp(delta) - delta - 1
+        delta = tl.load(ref_ptr + offs, mask=live, other=0.0).to(tl.float64) - logp
+        exp_delta = tl.exp(delta)
+        k3 = exp_delta - delta - 1
         if ADD_KL:
             loss = loss + beta * k3
-            d_loss = d_loss + beta * (1 - tl.exp(delta))
+            d_loss = d_loss + beta * (1 - exp_delta)
         tl.store(kl_part_ptr + pid, tl.sum(tl.where(live, k3, 0.0), axis=0))
 
-    # Step 9: the per-row weight of this row's tokens in the aggregate.
-    tl.store(dlogp_ptr + offs, tl.where(live, weight * d_loss, 0.0), mask=inside)
+    # Step 9: every masked token of row b weighs weight[b] in the aggregate.
+    tl.store(dlogp_ptr + offs, tl.where(live, weight * d_loss, 0.0).to(tl.float32), mask=inside)
     tl.store(loss_part_ptr + pid, tl.sum(tl.where(live, weight * loss, 0.0), axis=0))
     tl.store(clip_part_ptr + pid, tl.sum(tl.where(live & is_clipped, 1.0, 0.0), axis=0))
 
@@ -182,21 +190,21 @@ def _row_weights(n: torch.Tensor, loss_agg_mode: str, positions: int) -> torch.T
         weight = torch.full_like(n, 1 / max(positions, 1))
     else:
         raise ValueError(f"loss_agg_mode: unknown {loss_agg_mode!r}")
-    return weight.to(torch.float32).contiguous()
+    return weight.to(torch.float64).contiguous()
 
 
 def _calibrate(old, mask, rewards, groups: GroupLayout, cfg: LossConfig):
-    """Steps 3-7: ``(n, pibar, adv, used, difficulty, negative)``."""
+    """Steps 3-7 in float64: ``(n, pibar, adv, used, difficulty, negative)``."""
     batch, seq = old.shape
     n = torch.empty(batch, device=old.device, dtype=torch.float64)
     pibar = torch.empty_like(n)
     _row_stats_kernel[(batch,)](
         old, mask, n, pibar, seq, BLOCK_T=min(triton.next_power_of_2(max(seq, 1)), _ROW_BLOCK)
     )
-    adv = torch.empty(batch, device=old.device, dtype=torch.float32)
-    used = torch.empty_like(adv)
-    difficulty = torch.empty(groups.num_groups, device=old.device, dtype=torch.float32)
-    negative = torch.empty_like(difficulty)
+    adv = torch.empty_like(n)
+    used = torch.empty_like(n)
+    difficulty = torch.empty(groups.num_groups, device=old.device, dtype=torch.float64)
+    negative = torch.empty(groups.num_groups, device=old.device, dtype=torch.float32)
     gamma = cfg.length_gamma
     _group_kernel[(groups.num_groups,)](
         rewards, pibar, n, groups.order, groups.start, groups.size,
@@ -237,7 +245,7 @@ def epilogue_forward(
     chunks_per_row = triton.cdiv(seq, block_t)
     programs = batch * chunks_per_row
     dlogp = torch.empty_like(logp)
-    parts = torch.zeros((3, programs), device=logp.device, dtype=torch.float32)
+    parts = torch.zeros((3, programs), device=logp.device, dtype=torch.float64)
     if programs > 0:
         _token_kernel[(programs,)](
             logp, old, mask, logp if ref is None else ref, adv, weight,
@@ -251,15 +259,16 @@ def epilogue_forward(
             num_warps=4,
         )
     loss, clip_count, kl_sum = parts.sum(dim=1).unbind()
-    tokens = n.sum().clamp(min=1).to(torch.float32)
+    tokens = n.sum().clamp(min=1)
+    fp32 = lambda t: t.to(torch.float32)  # noqa: E731
     return EpilogueResult(
-        loss=loss,
+        loss=fp32(loss),
         dlogp=dlogp,
-        advantages=adv,
-        calibrated_rewards=used,
-        confidence=pibar.to(torch.float32),
-        difficulty=difficulty,
+        advantages=fp32(adv),
+        calibrated_rewards=fp32(used),
+        confidence=fp32(pibar),
+        difficulty=fp32(difficulty),
         negative_group_fraction=negative.mean(),
-        clip_fraction=clip_count / tokens,
-        kl=None if ref is None else kl_sum / tokens,
+        clip_fraction=fp32(clip_count / tokens),
+        kl=None if ref is None else fp32(kl_sum / tokens),
     )
