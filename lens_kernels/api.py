@@ -6,11 +6,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import ops, reference
-from .backends import BACKENDS, resolve
 from .config import LossConfig
 from .output import LensOutput
 from .validation import (
-    _choice, _eager, _float_tensor, _number, check_groups, check_logits, check_mask,
+    _choice, _eager, _float_tensor, _number, check_backend, check_groups, check_logits, check_mask,
     check_rewards, check_targets, check_temperature, validate,
 )
 from .config import MODES
@@ -77,13 +76,14 @@ def fused_lens_loss(
         loss_agg_mode, scale_by_std, std_eps, length_gamma, backend,
     )
     logp = ops.token_logprobs(logits, target_ids, temperature, checked.backend, inplace_backward)
-    mask = completion_mask.to(torch.float32).contiguous()
+    work = logp.dtype  # fp32 (float64 for float64 logits on the torch backend)
+    mask = completion_mask.to(work).contiguous()
     if check_finite and _eager():
         _check_finite(logp, mask)
-    old = logp.detach() if old_logprobs is None else old_logprobs.float().contiguous()
-    ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(work).contiguous()
+    ref = None if ref_logprobs is None else ref_logprobs.to(work).contiguous()
     result = ops.epilogue(
-        logp, old, mask, rewards.float().contiguous(), checked.groups, ref, checked.cfg, checked.backend
+        logp, old, mask, rewards.to(work).contiguous(), checked.groups, ref, checked.cfg, checked.backend
     )
     return LensOutput.from_epilogue(result, logp)
 
@@ -103,7 +103,7 @@ def token_logprobs(
     check_logits(logits)
     check_targets(target_ids, logits)
     check_temperature(temperature)
-    backend = resolve(_choice("backend", backend, BACKENDS), logits.device)
+    backend = check_backend(backend, logits)
     return ops.token_logprobs(logits, target_ids, temperature, backend, inplace_backward)
 
 

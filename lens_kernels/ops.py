@@ -14,10 +14,16 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends import torch_backend
 from .config import EpilogueResult, LossConfig
 from .groups import GroupLayout
 
 _LIB = "lens_kernels"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of log-probs and logsumexps: fp32, or float64 for float64 logits."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op(f"{_LIB}::logprobs_fwd", mutates_args=())
@@ -29,8 +35,8 @@ def _logprobs_fwd(
 
 @_logprobs_fwd.register_fake
 def _(logits, target_ids, inv_temperature, backend, inplace_backward):
-    shape = logits.shape[:2]
-    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.float32)
+    shape, dtype = logits.shape[:2], accumulation_dtype(logits.dtype)
+    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::logprobs_bwd", mutates_args=())
@@ -68,7 +74,7 @@ def _logprobs_setup(ctx, inputs, output):
 
 def _logprobs_backward(ctx, grad_logp, _grad_lse):
     logits, target_ids, lse = ctx.saved_tensors
-    grad_logp = grad_logp.float().contiguous()
+    grad_logp = grad_logp.to(lse.dtype).contiguous()
     if ctx.inplace:
         _logprobs_bwd_inplace(logits, grad_logp, target_ids, lse, ctx.inv_temperature, ctx.backend)
         grad = logits
@@ -132,12 +138,11 @@ def epilogue(
 ) -> EpilogueResult:
     """SPEC steps 3-9 through backend ``backend``; ``loss`` is differentiable in ``logp``.
 
-    A backend with a differentiable PyTorch ``epilogue`` (torch) is called directly; one with
-    a kernel ``epilogue_forward`` goes through the custom op above.
+    The torch backend's epilogue is plain differentiable PyTorch, called directly (and traced
+    by ``torch.compile``); kernel backends go through the custom op above.
     """
-    module = backends.get(backend)
-    if hasattr(module, "epilogue"):
-        return module.epilogue(logp, old, mask, rewards, groups, ref, cfg)
+    if backend == "torch":
+        return torch_backend.epilogue(logp, old, mask, rewards, groups, ref, cfg)
     outputs = _epilogue_fwd(
         logp, old, mask, rewards, ref, groups.group_id, groups.order, groups.start, groups.size,
         groups.num_groups, groups.max_size, groups.contiguous_size or 0,

@@ -17,6 +17,8 @@ from .config import LOSS_AGG_MODES, MODES, LossConfig
 from .groups import GroupLayout, contiguous_groups, indexed_groups
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 logits are an extension for debugging and gradcheck: torch backend only.
+REFERENCE_DTYPES = LOGITS_DTYPES + (torch.float64,)
 
 
 class Checked(NamedTuple):
@@ -71,9 +73,17 @@ def check_logits(logits) -> torch.Tensor:
         raise TypeError(f"logits: expected a torch.Tensor [B, T, V], got {type(logits).__name__}")
     if logits.dim() != 3 or logits.shape[-1] < 1:
         raise ValueError(f"logits: expected shape [B, T, V] with V >= 1, got {list(logits.shape)}")
-    if logits.dtype not in LOGITS_DTYPES:
+    if logits.dtype not in REFERENCE_DTYPES:
         raise TypeError(f"logits: expected dtype float32, bfloat16 or float16, got {logits.dtype}")
     return logits
+
+
+def check_backend(backend, logits: torch.Tensor) -> str:
+    """``backend``: a known name, available for the logits' device (and float64 -> torch)."""
+    backend = backends.resolve(_choice("backend", backend, backends.BACKENDS), logits.device)
+    if logits.dtype not in LOGITS_DTYPES and backend != "torch":
+        raise TypeError(f"logits: float64 is supported by backend='torch' only, got backend={backend!r}")
+    return backend
 
 
 def check_targets(target_ids, logits: torch.Tensor) -> torch.Tensor:
@@ -165,5 +175,4 @@ def validate(
         length_gamma=None if length_gamma is None else _number("length_gamma", length_gamma, 0.0, 1.0, open_low=True),
     )
     check_temperature(temperature)
-    backend = backends.resolve(_choice("backend", backend, backends.BACKENDS), device)
-    return Checked(groups, cfg, backend)
+    return Checked(groups, cfg, check_backend(backend, logits))

@@ -18,7 +18,7 @@ BAD = {
     # id: (overrides, error type, text the message must contain)
     "logits-2d": (dict(logits=torch.randn(4, 37)), ValueError, "logits"),
     "logits-int": (dict(logits=torch.zeros(4, 5, 37, dtype=torch.int32)), TypeError, "logits"),
-    "logits-fp64": (dict(logits=torch.zeros(4, 5, 37, dtype=torch.float64)), TypeError, "logits"),
+    "logits-complex": (dict(logits=torch.zeros(4, 5, 37, dtype=torch.complex64)), TypeError, "logits"),
     "targets-shape": (dict(target_ids=torch.zeros(4, 6, dtype=torch.int64)), ValueError, "target_ids"),
     "targets-int32": (dict(target_ids=torch.zeros(4, 5, dtype=torch.int32)), TypeError, "target_ids"),
     "targets-too-large": (dict(target_ids=torch.full((4, 5), 37)), ValueError, "target_ids"),

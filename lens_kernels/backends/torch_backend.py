@@ -40,10 +40,11 @@ def _chunks(batch: int, length: int, vocab: int) -> Iterator[tuple[slice, slice]
 
 def logprobs_forward(logits, target_ids, inv_temperature):
     batch, length, vocab = logits.shape
-    logp = logits.new_empty((batch, length), dtype=torch.float32)
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = logits.new_empty((batch, length), dtype=work)
     lse = torch.empty_like(logp)
     for rows, cols in _chunks(batch, length, vocab):
-        z = logits[rows, cols].float() * inv_temperature
+        z = logits[rows, cols].to(work) * inv_temperature
         lse[rows, cols] = torch.logsumexp(z, -1)
         logp[rows, cols] = z.gather(-1, target_ids[rows, cols].unsqueeze(-1)).squeeze(-1) - lse[rows, cols]
     return logp, lse
@@ -54,7 +55,7 @@ def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inpla
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     for rows, cols in _chunks(batch, length, vocab):
         scale = (grad_logp[rows, cols] * inv_temperature).unsqueeze(-1)
-        z = logits[rows, cols].float() * inv_temperature
+        z = logits[rows, cols].to(lse.dtype) * inv_temperature
         chunk = torch.exp(z - lse[rows, cols].unsqueeze(-1)).mul_(-scale)
         chunk.scatter_add_(-1, target_ids[rows, cols].unsqueeze(-1), scale)
         grad[rows, cols] = chunk.masked_fill_(scale == 0, 0)
@@ -70,9 +71,9 @@ def epilogue(
     ref: Optional[torch.Tensor],
     cfg: LossConfig,
 ) -> EpilogueResult:
-    """The reference epilogue in float64, differentiable in ``logp``; fp32 results."""
+    """The reference epilogue in float64, differentiable in ``logp``; results in ``logp.dtype``."""
     result = reference.epilogue(
         logp.double(), old.double(), mask, rewards.double(), groups, cfg,
         None if ref is None else ref.double(),
     )
-    return EpilogueResult(*(None if t is None else t.float() for t in result))
+    return EpilogueResult(*(None if t is None else t.to(logp.dtype) for t in result))
