@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
-import lens_kernels as lk
+# Without a GPU, the Triton kernels run on the CPU through Triton's interpreter; the variable
+# must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import lens_kernels as lk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
