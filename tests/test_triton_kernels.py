@@ -1,0 +1,356 @@
+"""The Triton launchers, called directly, against ``lens_kernels.reference`` in float64.
+
+Without CUDA the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set here
+when the environment has not set it and the backend is not imported yet), so shapes stay
+tiny.  Cases that need a GPU (large vocabularies, 64-bit offsets, ``T = 65536``, compile
+counts) are marked ``gpu`` and skipped without CUDA.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and "TRITON_INTERPRET" not in os.environ:
+    if "lens_kernels.backends.triton" in sys.modules:
+        pytest.skip("the Triton backend was imported before TRITON_INTERPRET=1 could be set; "
+                    "run with TRITON_INTERPRET=1 in the environment", allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from lens_kernels import reference  # noqa: E402
+from lens_kernels.backends import triton as triton_backend  # noqa: E402
+from lens_kernels.backends.triton import logprobs as triton_logprobs  # noqa: E402
+from lens_kernels.config import LOSS_AGG_MODES, MODES, LossConfig  # noqa: E402
+from lens_kernels.groups import contiguous_groups, indexed_groups  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+pytestmark = pytest.mark.skipif(
+    not triton_backend.is_available(DEVICE), reason=f"Triton backend not available on {DEVICE}"
+)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+RTOL = 1e-5
+# Elementwise slack for gradients stored in a narrow dtype: one unit in the last place (the
+# GPU rounds to nearest; the CPU interpreter truncates fp32 -> bf16, up to a whole ulp).
+ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def assert_close(name: str, value: torch.Tensor, gold: torch.Tensor, ulp: float = 0.0) -> None:
+    """``|value - gold| <= RTOL * max|gold| + ulp * |gold|`` elementwise (matching infinities)."""
+    assert value.shape == gold.shape, f"{name}: shape {tuple(value.shape)} != {tuple(gold.shape)}"
+    value, gold = value.double().cpu(), gold.detach().double().cpu()
+    assert not value.isnan().any(), f"{name}: NaN"
+    same_inf = value.isinf() & gold.isinf() & (value.sign() == gold.sign())
+    finite = gold[gold.isfinite()]
+    scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-6)
+    err = torch.where(same_inf, 0.0, (value - gold).abs())
+    bound = torch.where(same_inf, 0.0, RTOL * scale + ulp * gold.abs())
+    worst = int((err - bound).argmax()) if err.numel() else 0
+    assert (err <= bound).all(), (
+        f"{name}: error {float(err.flatten()[worst]):.3g} > {float(bound.flatten()[worst]):.3g} "
+        f"at flat index {worst} (value {float(value.flatten()[worst]):.8g}, gold {float(gold.flatten()[worst]):.8g})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary pass
+# ---------------------------------------------------------------------------------------------
+
+# id -> (B, T, V, dtype, temperature, layout); layout: "contiguous", "shifted" (full[:, :-1] with
+# targets ids[:, 1:], both non-contiguous), "vocab-strided" (stride_v != 1), "leading-inf"
+# (the whole first BLOCK_V chunk is -inf).
+VOCAB_CASES = {
+    "v1000-fp32": (2, 3, 1000, torch.float32, 1.0, "contiguous"),
+    "v1000-fp32-shifted": (2, 3, 1000, torch.float32, 1.0, "shifted"),
+    "v37-fp32-tau0.7": (3, 4, 37, torch.float32, 0.7, "contiguous"),
+    "v50257-fp32-shifted": (2, 2, 50257, torch.float32, 1.0, "shifted"),
+    "v1000-bf16-shifted": (2, 3, 1000, torch.bfloat16, 1.0, "shifted"),
+    "v8193-bf16-two-chunks": (1, 3, 8193, torch.bfloat16, 1.3, "shifted"),
+    "v1000-fp16": (2, 3, 1000, torch.float16, 1.0, "contiguous"),
+    "v1000-fp32-vocab-strided": (2, 3, 1000, torch.float32, 1.0, "vocab-strided"),
+    "v5000-fp32-leading-inf": (2, 2, 5000, torch.float32, 1.0, "leading-inf"),
+}
+
+
+def make_logits(batch, length, vocab, dtype, layout, seed=0):
+    """``(logits, target_ids)`` laid out as ``layout`` says (see ``VOCAB_CASES``)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length + 1), generator=gen)
+    if layout == "vocab-strided":
+        logits = (torch.randn(vocab, batch, length, generator=gen) * 3).permute(1, 2, 0)
+        assert logits.stride(-1) != 1
+        return logits.to(DEVICE, dtype), ids[:, 1:].contiguous().to(DEVICE)
+    full = torch.randn(batch, length + 1, vocab, generator=gen) * 3
+    if layout == "leading-inf":
+        full[..., : vocab - 904] = float("-inf")
+        ids = torch.randint(vocab - 904, vocab, (batch, length + 1), generator=gen)
+    full = full.to(DEVICE, dtype)
+    if layout == "shifted":
+        return full[:, :-1], ids[:, 1:].to(DEVICE)
+    return full[:, :-1].contiguous(), ids[:, 1:].contiguous().to(DEVICE)
+
+
+def gold_logprobs(logits, target_ids, temperature):
+    """Float64 ``(logp, lse)`` of the reference, ``logp`` differentiable in the float64 leaf."""
+    leaf = logits.detach().double().requires_grad_()
+    logp = reference.token_logprobs(leaf, target_ids, temperature)
+    return leaf, logp, torch.logsumexp(leaf.detach() / temperature, -1)
+
+
+@pytest.mark.parametrize("case", list(VOCAB_CASES))
+def test_logprobs_forward_and_backward(case):
+    batch, length, vocab, dtype, temperature, layout = VOCAB_CASES[case]
+    logits, target_ids = make_logits(batch, length, vocab, dtype, layout)
+    before = logits.clone()
+
+    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0 / temperature)
+    leaf, gold_logp, gold_lse = gold_logprobs(logits, target_ids, temperature)
+    assert logp.dtype == lse.dtype == torch.float32 and logp.is_contiguous()
+    assert_close("logp", logp, gold_logp)
+    assert_close("lse", lse, gold_lse)
+
+    grad_logp = torch.randn(batch, length, device=DEVICE)
+    grad_logp[0, 1] = 0.0
+    grad = triton_backend.logprobs_backward(grad_logp, logits, target_ids, lse, 1.0 / temperature, False)
+    (gold_grad,) = torch.autograd.grad(gold_logp, leaf, grad_logp.double())
+    assert grad.dtype == dtype and grad.is_contiguous() and grad.shape == logits.shape
+    assert_close("grad", grad, gold_grad, ULP[dtype])
+    assert torch.count_nonzero(grad[0, 1]) == 0
+    assert torch.equal(logits, before), "logits were modified"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inplace_backward_writes_through_strided_view(dtype):
+    logits, target_ids = make_logits(2, 4, 1000, dtype, "shifted")
+    full = logits._base if logits._base is not None else logits
+    last_position = full[:, -1].clone()
+    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    leaf, gold_logp, _ = gold_logprobs(logits, target_ids, 1.0)
+    grad_logp = torch.randn(2, 4, device=DEVICE)
+    (gold_grad,) = torch.autograd.grad(gold_logp, leaf, grad_logp.double())
+
+    out = triton_backend.logprobs_backward(grad_logp, logits, target_ids, lse, 1.0, True)
+    assert out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride()
+    assert_close("inplace grad", logits, gold_grad, ULP[dtype])
+    assert torch.equal(full[:, -1], last_position), "wrote outside the view"
+
+
+def test_zero_gradient_rows_ignore_non_finite_logits():
+    logits, target_ids = make_logits(2, 3, 1000, torch.float32, "contiguous")
+    clean_logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    logits[1, 2] = float("nan")
+    logits[0, 0, :10] = float("inf")
+    grad_logp = torch.ones(2, 3, device=DEVICE)
+    grad_logp[1, 2] = grad_logp[0, 0] = 0.0
+    grad = triton_backend.logprobs_backward(grad_logp, logits, target_ids, lse, 1.0, False)
+    assert torch.count_nonzero(grad[1, 2]) == 0 and torch.count_nonzero(grad[0, 0]) == 0
+    assert torch.isfinite(grad).all()
+    logp, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    assert torch.isnan(logp[1, 2]) and torch.equal(logp[0, 1:], clean_logp[0, 1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Epilogue
+# ---------------------------------------------------------------------------------------------
+
+# Groups of 3: negative, mixed, all-correct, mixed with fractional rewards.
+REWARDS = [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0, 0.25]
+GROUP_LABELS = [5, 2, 5, 9, 2, 9, 9, 5, 9, 2, 9, 9]  # sizes 3, 3, 6: BLOCK_G 8, not contiguous
+GROUP_LABEL_REWARDS = [0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+GARBAGE = 30.0  # what masked-out positions of logp/old/ref hold: must never reach an output
+
+
+def make_epilogue_inputs(rewards=REWARDS, length=7, off_policy=0.3, empty_rows=(4,), with_ref=False,
+                         group_labels=None, seed=0):
+    """``(logp, old, mask, rewards, groups, ref)`` as the launcher takes them (fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(rewards)
+    logp = -torch.rand(batch, length, generator=gen) * 1.5 - 0.05
+    old = logp + off_policy * torch.randn(batch, length, generator=gen)
+    ref = logp + 0.3 * torch.randn(batch, length, generator=gen) if with_ref else None
+    starts = torch.randint(0, max(1, length // 3), (batch, 1), generator=gen)
+    ends = torch.randint(length // 2 + 1, length + 1, (batch, 1), generator=gen)
+    positions = torch.arange(length)
+    mask = (positions >= starts) & (positions < ends)
+    mask[list(empty_rows)] = False
+    for t in (logp, old, ref):
+        if t is not None:
+            t.masked_fill_(~mask, GARBAGE)
+    if group_labels is None:
+        groups = contiguous_groups(batch, 3, DEVICE)
+    else:
+        groups = indexed_groups(torch.tensor(group_labels, device=DEVICE))
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(logp), to(old), to(mask.float()), torch.tensor(rewards, device=DEVICE), groups, to(ref)
+
+
+def run_epilogue(inputs, cfg):
+    """The Triton epilogue and the float64 reference (with ``dlogp`` from autograd)."""
+    logp, old, mask, rewards, groups, ref = inputs
+    out = triton_backend.epilogue_forward(logp, old, mask, rewards, groups, ref, cfg)
+    leaf = logp.double().requires_grad_()
+    gold = reference.epilogue(
+        leaf, old.double(), mask, rewards.double(), groups, cfg, None if ref is None else ref.double()
+    )
+    (dlogp,) = torch.autograd.grad(gold.loss, leaf)
+    return out, gold._replace(dlogp=dlogp)
+
+
+def check_epilogue(out, gold):
+    for field in out._fields:
+        value, expected = getattr(out, field), getattr(gold, field)
+        if expected is None:
+            assert value is None, f"{field}: expected None"
+            continue
+        assert value.dtype == torch.float32, f"{field}: {value.dtype}"
+        assert_close(field, value, expected)
+
+
+@pytest.mark.parametrize("agg", LOSS_AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_epilogue_modes_and_aggregations(mode, agg):
+    out, gold = run_epilogue(make_epilogue_inputs(), LossConfig(mode=mode, loss_agg_mode=agg))
+    check_epilogue(out, gold)
+
+
+# id -> (make_epilogue_inputs options, LossConfig options)
+EPILOGUE_CASES = {
+    "on-policy": (dict(off_policy=0.0), {}),
+    "clipping-active": (dict(off_policy=0.6), {}),
+    "asymmetric-clip": (dict(off_policy=0.6), dict(eps_low=0.1, eps_high=0.28)),
+    "dual-clip": (dict(off_policy=1.0), dict(clip_ratio_c=1.5)),
+    "kl-beta": (dict(with_ref=True), dict(beta=0.1)),
+    "kl-metric-only": (dict(with_ref=True), {}),
+    "no-std-scaling": ({}, dict(scale_by_std=False, loss_agg_mode="token-mean")),
+    "alpha-and-eps": ({}, dict(alpha=0.6, std_eps=1e-3)),
+    "length-gamma": ({}, dict(length_gamma=0.6)),
+    "length-gamma-clamped": ({}, dict(length_gamma=0.05)),
+    "all-negative": (dict(rewards=[0.0] * 12), {}),
+    "no-empty-rows": (dict(empty_rows=()), dict(loss_agg_mode="seq-mean-token-sum")),
+    "group-index": (dict(rewards=GROUP_LABEL_REWARDS, group_labels=GROUP_LABELS), {}),
+    "group-index-grpo": (dict(rewards=GROUP_LABEL_REWARDS, group_labels=GROUP_LABELS), dict(mode="grpo")),
+    "long-rows": (dict(rewards=REWARDS[:6], length=2100), dict(loss_agg_mode="token-mean")),
+    # Exact ties: ratio == 1 == both clip bounds (clamp passes the gradient at its bounds) ...
+    "tie-at-clip-bounds": (dict(off_policy=0.0), dict(eps_low=0.0, eps_high=0.0)),
+    # ... and the dual-clip cap equal to the loss (torch.minimum splits the gradient).
+    "tie-at-dual-clip-cap": (dict(off_policy=0.0), dict(clip_ratio_c=1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(EPILOGUE_CASES))
+def test_epilogue_cases(case):
+    input_options, cfg_options = EPILOGUE_CASES[case]
+    cfg = LossConfig(**cfg_options)
+    out, gold = run_epilogue(make_epilogue_inputs(**input_options), cfg)
+    check_epilogue(out, gold)
+    if case in ("clipping-active", "asymmetric-clip", "dual-clip"):
+        assert gold.clip_fraction > 0, "the case was meant to make clipping active"
+    if case == "dual-clip":
+        _, undual = run_epilogue(make_epilogue_inputs(**input_options), LossConfig())
+        assert gold.loss != undual.loss, "the case was meant to make the dual clip bind"
+    if case == "length-gamma-clamped":
+        assert (gold.confidence > cfg.length_gamma).any(), "the case was meant to clamp"
+    if case.startswith("tie"):
+        assert (out.dlogp != 0).any()
+
+
+def test_all_rows_empty_gives_zero_loss():
+    inputs = make_epilogue_inputs(empty_rows=range(12), with_ref=True)
+    out, gold = run_epilogue(inputs, LossConfig(beta=0.1))
+    check_epilogue(out, gold)
+    assert out.loss.item() == 0.0 and out.clip_fraction.item() == 0.0 and out.kl.item() == 0.0
+    assert torch.count_nonzero(out.dlogp) == 0 and torch.count_nonzero(out.confidence) == 0
+
+
+def test_non_finite_values_at_masked_positions_do_not_leak():
+    inputs = make_epilogue_inputs(with_ref=True)
+    cfg = LossConfig(beta=0.1, clip_ratio_c=2.0)
+    clean = triton_backend.epilogue_forward(*inputs[:5], inputs[5], cfg)
+    logp, old, mask, rewards, groups, ref = inputs
+    hidden = mask == 0
+    dirty = [t.masked_fill(hidden, value) for t, value in
+             ((logp, float("nan")), (old, float("inf")), (ref, float("-inf")))]
+    out = triton_backend.epilogue_forward(dirty[0], dirty[1], mask, rewards, groups, dirty[2], cfg)
+    for field in out._fields:
+        assert torch.equal(getattr(out, field), getattr(clean, field)), field
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: sizes the interpreter cannot reach
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows_gold(logits, target_ids, rows):
+    """Float64 ``logp`` and ``d logp / d logits`` (times 1) for the flat rows ``rows`` only."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    leaf = flat[rows].double().requires_grad_()
+    logp = leaf.log_softmax(-1).gather(-1, target_ids.reshape(-1)[rows].unsqueeze(-1)).squeeze(-1)
+    (grad,) = torch.autograd.grad(logp.sum(), leaf)
+    return logp, grad
+
+
+@gpu
+@needs_cuda
+def test_gpu_qwen_vocabulary_bf16():
+    logits, target_ids = make_logits(2, 3, 151936, torch.bfloat16, "shifted")
+    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    leaf, gold_logp, gold_lse = gold_logprobs(logits, target_ids, 1.0)
+    assert_close("logp", logp, gold_logp)
+    assert_close("lse", lse, gold_lse)
+    grad_logp = torch.randn(2, 3, device=DEVICE)
+    grad = triton_backend.logprobs_backward(grad_logp, logits, target_ids, lse, 1.0, False)
+    (gold_grad,) = torch.autograd.grad(gold_logp, leaf, grad_logp.double())
+    assert_close("grad", grad, gold_grad, ULP[torch.bfloat16])
+
+
+@gpu
+@needs_cuda
+def test_gpu_offsets_beyond_int32():
+    batch, length, vocab = 1, 14200, 151936
+    assert batch * length * vocab >= 2**31
+    logits = torch.randn(batch, length, vocab, device=DEVICE, dtype=torch.bfloat16)
+    target_ids = torch.randint(0, vocab, (batch, length), device=DEVICE)
+    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    rows = torch.tensor([0, 1, length - 2, length - 1], device=DEVICE)
+    gold_logp, gold_grad = _rows_gold(logits, target_ids, rows)
+    assert_close("logp (first and last rows)", logp.reshape(-1)[rows], gold_logp)
+    grad = triton_backend.logprobs_backward(torch.ones_like(logp), logits, target_ids, lse, 1.0, True)
+    assert_close("grad (first and last rows)", grad.reshape(-1, vocab)[rows], gold_grad, ULP[torch.bfloat16])
+
+
+@gpu
+@needs_cuda
+def test_gpu_long_sequence():
+    logits, target_ids = make_logits(2, 65536, 96, torch.float32, "shifted")
+    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    leaf, gold_logp, _ = gold_logprobs(logits, target_ids, 1.0)
+    assert_close("logp", logp, gold_logp)
+    grad_logp = torch.randn(2, 65536, device=DEVICE)
+    grad = triton_backend.logprobs_backward(grad_logp, logits, target_ids, lse, 1.0, False)
+    (gold_grad,) = torch.autograd.grad(gold_logp, leaf, grad_logp.double())
+    assert_close("grad", grad, gold_grad)
+    inputs = make_epilogue_inputs(rewards=REWARDS[:6], length=65536, off_policy=0.3, with_ref=True)
+    check_epilogue(*run_epilogue(inputs, LossConfig(beta=0.05, loss_agg_mode="token-mean")))
+
+
+@gpu
+@needs_cuda
+def test_gpu_no_recompile_per_length_or_vocabulary():
+    kernel = triton_logprobs._logprobs_fwd_kernel
+
+    def compiled():
+        return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+    # Odd T and V keep every stride's divisibility class the same: one compilation.
+    shapes = [(2, 5, 1001), (2, 9, 1003), (3, 7, 1019), (1, 33, 1001)]
+    counts = []
+    for batch, length, vocab in shapes:
+        logits, target_ids = make_logits(batch, length, vocab, torch.bfloat16, "contiguous")
+        triton_backend.logprobs_forward(logits, target_ids, 1.0)
+        counts.append(compiled())
+    assert counts[-1] == counts[0], f"recompiled across T/V: compiled kernels {counts}"
