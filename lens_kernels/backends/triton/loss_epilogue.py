@@ -23,7 +23,10 @@ Conventions follow ``lens_kernels.reference`` (autograd of its formulas): ``torc
 splits its gradient on exact ties, ``clamp`` passes it on the closed interval, masked-out
 positions are selected away with ``where`` (garbage or NaN there cannot leak), and every
 count in a denominator is clamped to at least 1, so empty rows or an empty batch give 0.
-``T`` and ``B`` are ``do_not_specialize``: a new shape never recompiles.
+Specialisation: ``T`` is the row stride of every ``[B, T]`` input, so it keeps Triton's
+default integer specialisation (``T == 1``, ``T % 16 == 0``, other: at most three variants,
+never one per length), which is what allows 128-bit loads when ``T`` is a multiple of 16;
+``B`` is only a grid size and ``chunks_per_row`` is ``do_not_specialize``.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ _TOKEN_BLOCK = 1024
 
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit
 def _row_stats_kernel(old_ptr, mask_ptr, n_ptr, pibar_ptr, T, BLOCK_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
@@ -52,7 +55,7 @@ def _row_stats_kernel(old_ptr, mask_ptr, n_ptr, pibar_ptr, T, BLOCK_T: tl.conste
         cols = start + lanes
         inside = cols < T
         live = (tl.load(mask_ptr + base + cols, mask=inside, other=0.0) != 0) & inside
-        old = tl.load(old_ptr + base + cols, mask=live, other=0.0)
+        old = tl.load(old_ptr + base + cols, mask=inside, other=0.0)
         count += tl.where(live, 1.0, 0.0)
         total += tl.where(live, old.to(tl.float64), 0.0)
     n = tl.sum(count, axis=0)
@@ -123,7 +126,7 @@ def _group_kernel(
     tl.store(negative_ptr + group, tl.where(negative, 1.0, 0.0))
 
 
-@triton.jit(do_not_specialize=["T", "chunks_per_row"])
+@triton.jit(do_not_specialize=["chunks_per_row"])
 def _token_kernel(
     logp_ptr, old_ptr, mask_ptr, ref_ptr, adv_ptr, weight_ptr,
     dlogp_ptr, loss_part_ptr, clip_part_ptr, kl_part_ptr,
@@ -138,8 +141,10 @@ def _token_kernel(
     inside = cols < T
     offs = row.to(tl.int64) * T + cols
     live = (tl.load(mask_ptr + offs, mask=inside, other=0.0) != 0) & inside
-    logp = tl.load(logp_ptr + offs, mask=live, other=0.0).to(tl.float64)
-    old = tl.load(old_ptr + offs, mask=live, other=0.0).to(tl.float64)
+    # Masked-out positions become 0 before any arithmetic (as in the reference), whatever
+    # they hold; loading under the static tail mask only keeps the loads vectorised.
+    logp = tl.where(live, tl.load(logp_ptr + offs, mask=inside, other=0.0), 0.0).to(tl.float64)
+    old = tl.where(live, tl.load(old_ptr + offs, mask=inside, other=0.0), 0.0).to(tl.float64)
     a = tl.load(adv_ptr + row)
     weight = tl.load(weight_ptr + row)
 
@@ -163,7 +168,8 @@ def _token_kernel(
         d_loss = tl.where(a < 0, d_capped, d_loss)
         loss = tl.where(a < 0, tl.minimum(loss, cap), loss)
     if HAS_REF:
-        delta = tl.load(ref_ptr + offs, mask=live, other=0.0).to(tl.float64) - logp
+        ref = tl.where(live, tl.load(ref_ptr + offs, mask=inside, other=0.0), 0.0)
+        delta = ref.to(tl.float64) - logp
         exp_delta = tl.exp(delta)
         k3 = exp_delta - delta - 1
         if ADD_KL:
