@@ -23,6 +23,7 @@ Conventions follow ``lens_kernels.reference`` (autograd of its formulas): ``torc
 splits its gradient on exact ties, ``clamp`` passes it on the closed interval, masked-out
 positions are selected away with ``where`` (garbage or NaN there cannot leak), and every
 count in a denominator is clamped to at least 1, so empty rows or an empty batch give 0.
+
 Specialisation: ``T`` is the row stride of every ``[B, T]`` input, so it keeps Triton's
 default integer specialisation (``T == 1``, ``T % 16 == 0``, other: at most three variants,
 never one per length), which is what allows 128-bit loads when ``T`` is a multiple of 16;
@@ -41,7 +42,6 @@ from ...groups import GroupLayout
 
 _ROW_BLOCK = 2048
 _TOKEN_BLOCK = 1024
-
 
 
 @triton.jit
