@@ -121,17 +121,22 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// out[v] = -scale * exp(x[v] * inv_t - lse) for this thread's elements of one row (the target
-// element is corrected afterwards).  x and out may be the same row (in place).
+// out[v] = scale * (1[v == target] - exp(x[v] * inv_t - lse)) for this thread's elements of
+// one row.  x and out may be the same row (in place): each element is read, then written, by
+// the same thread.  1 - p is exact in fp32 for p >= 1/2, so the target's gradient keeps the
+// precision of p.
 template <typename T>
 __device__ void thread_grad_row(const T* x, T* out, int64_t vocab, int64_t stride_v, int64_t out_stride_v,
-                                float scale, float inv_t, float row_lse) {
+                                int64_t target, float scale, float inv_t, float row_lse) {
   constexpr int kV = kVec<T>;
   const int64_t step = blockDim.x;
+  const auto grad = [=](float logit, int64_t v) {
+    return scale * ((v == target ? 1.f : 0.f) - expf(logit * inv_t - row_lse));
+  };
   const bool same_alignment = (reinterpret_cast<uintptr_t>(x) & 15) == (reinterpret_cast<uintptr_t>(out) & 15);
   const int64_t head = (stride_v == 1 && out_stride_v == 1 && same_alignment) ? head_to_alignment<T>(x, vocab) : vocab;
   for (int64_t v = threadIdx.x; v < head; v += step)
-    out[v * out_stride_v] = from_float<T>(-scale * expf(to_float(x[v * stride_v]) * inv_t - row_lse));
+    out[v * out_stride_v] = from_float<T>(grad(to_float(x[v * stride_v]), v));
   if (head == vocab) return;
 
   const T* body = x + head;
@@ -143,7 +148,10 @@ __device__ void thread_grad_row(const T* x, T* out, int64_t vocab, int64_t strid
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) load_vec(body + (i + u * step) * kV, z + u * kV);
 #pragma unroll
-    for (int j = 0; j < kUnroll * kV; ++j) z[j] = -scale * expf(z[j] * inv_t - row_lse);
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int j = 0; j < kV; ++j) z[u * kV + j] = grad(z[u * kV + j], head + (i + u * step) * kV + j);
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) store_vec(out_body + (i + u * step) * kV, z + u * kV);
   }
@@ -151,11 +159,10 @@ __device__ void thread_grad_row(const T* x, T* out, int64_t vocab, int64_t strid
     float z[kV];
     load_vec(body + i * kV, z);
 #pragma unroll
-    for (int j = 0; j < kV; ++j) z[j] = -scale * expf(z[j] * inv_t - row_lse);
+    for (int j = 0; j < kV; ++j) z[j] = grad(z[j], head + i * kV + j);
     store_vec(out_body + i * kV, z);
   }
-  for (int64_t v = head + num_vec * kV + threadIdx.x; v < vocab; v += step)
-    out[v] = from_float<T>(-scale * expf(to_float(x[v]) * inv_t - row_lse));
+  for (int64_t v = head + num_vec * kV + threadIdx.x; v < vocab; v += step) out[v] = from_float<T>(grad(to_float(x[v]), v));
 }
 
 template <typename T>
@@ -189,17 +196,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       continue;
     }
     const T* x = logits + b * stride_b + t * stride_t;
-    const float scale = g * inv_t;
-    const float row_lse = lse[row];
-    const int64_t y = target[row];
-    const bool has_target = y >= 0 && y < vocab;
-    float z_target = 0.f;
-    if (threadIdx.x == 0 && has_target) z_target = to_float(x[y * stride_v]) * inv_t;
-    __syncthreads();  // the target logit is read before any thread can overwrite it in place
-    thread_grad_row(x, out, vocab, stride_v, grad_stride_v, scale, inv_t, row_lse);
-    __syncthreads();  // every store of the row is done before the target element is rewritten
-    // scale * (1 - p) without cancellation when p is close to 1
-    if (threadIdx.x == 0 && has_target) out[y * grad_stride_v] = from_float<T>(-scale * expm1f(z_target - row_lse));
+    thread_grad_row(x, out, vocab, stride_v, grad_stride_v, target[row], g * inv_t, inv_t, lse[row]);
   }
 }
 
