@@ -70,7 +70,8 @@ def run_and_compare(backend: str, dtype: torch.dtype, problem: dict, options: di
 
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
     check("loss", out.loss, gold.loss, native and native.loss, dtype)
-    check("grad", grad, gold_grad, native_grad, dtype)
+    truncating = backend == "triton" and interpreting() and dtype == torch.bfloat16
+    check("grad", grad, gold_grad, native_grad, dtype, ulp_slack=1.0 if truncating else 0.0)
     for field in FIELDS:
         value, expected = getattr(out, field), getattr(gold, field)
         if expected is None:
