@@ -120,12 +120,19 @@ class BuildCuda(build_ext):
             super().build_extension(ext)
             return
         target = Path(self.get_ext_fullpath(ext.name))
+        target.unlink(missing_ok=True)  # a failed build must not ship a stale library
         try:
             built = build_library(ext.toolchain, Path(self.build_temp).resolve() / "csrc", os.environ)
         except (subprocess.CalledProcessError, OSError) as error:
             raise CompileError(f"building the CUDA library with CMake failed ({error})") from error
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built, target)
+
+    def copy_extensions_to_source(self) -> None:
+        """Editable installs: the library's folder is not a package, so it may not exist yet."""
+        package = EXTENSION.rpartition(".")[0]
+        Path(self.get_finalized_command("build_py").get_package_dir(package)).mkdir(parents=True, exist_ok=True)
+        super().copy_extensions_to_source()
 
 
 def extensions() -> list[Extension]:
