@@ -67,6 +67,9 @@ def require_gpu_library() -> torch.device:
         pytest.skip("no CUDA device")
     if library.load_error() is not None:
         pytest.skip(f"CUDA library not built: {library.load_error()}")
+    code = library.load().lk_probe_device(torch.cuda.current_device())
+    if code != 0:
+        pytest.skip(f"CUDA library cannot run on this device: {library.load().lk_error_string(code).decode()}")
     return torch.device("cuda")
 
 

@@ -178,12 +178,16 @@ inline unsigned __float_as_uint(float f) {
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
-template <typename T>
-inline T __ldcs(const T* p) {
+// 16-byte accesses must be 16-byte aligned on a GPU; here a misaligned one aborts.
+inline void check_alignment(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) lk_emu::fail("misaligned 16-byte vector access");
+}
+inline uint4 __ldcs(const uint4* p) {
+  check_alignment(p);
   return *p;
 }
-template <typename T>
-inline void __stcs(T* p, T value) {
+inline void __stcs(uint4* p, uint4 value) {
+  check_alignment(p);
   *p = value;
 }
 
