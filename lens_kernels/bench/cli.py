@@ -1,0 +1,124 @@
+"""``lens-bench`` / ``python -m lens_kernels bench``: the benchmark command line.
+
+Presets fix shapes, modes, implementations and timing; every option overrides its part.
+``quick`` is what ``python -m lens_kernels`` runs with no arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import report, runner, targets
+from .measure import Timer, copy_bandwidth, default_copy_bytes
+from .plot import plot
+from .plans import Preset, best_device, grid, preset
+from .problems import DTYPES, shape_for_tokens
+from .registry import MODES, REGISTRY, select
+
+
+def _list(kind):
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
+def parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "Benchmark the fused LENS loss against the eager and compiled PyTorch reference and Liger-Kernel: "
+        "forward and forward+backward time, peak memory, distance to the bandwidth floor, error against "
+        "the float64 reference."))
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:1, cpu")
+    p.add_argument("--preset", choices=("quick", "sweep", "target", "suite"), default=None,
+                   help="quick: one small problem, fused vs eager reference; sweep (default): every vocabulary, "
+                        "token count and dtype of the device's plan; target: the shape of the issue's targets; "
+                        "suite: the shapes of the pytest-benchmark suite")
+    p.add_argument("--vocab", type=_list(int), help="vocabulary sizes, comma-separated")
+    p.add_argument("--tokens", type=_list(int), help="token counts N = B*T, comma-separated")
+    p.add_argument("--dtype", type=_list(str), help=f"logits dtypes from {list(DTYPES)}")
+    p.add_argument("--modes", type=_list(str), help=f"loss modes from {list(MODES)}")
+    p.add_argument("--impl", type=_list(str), help=f"implementations ('fused' = auto backend) from {list(REGISTRY)}")
+    p.add_argument("--group-size", type=int, help="G, rows per prompt group")
+    p.add_argument("--rows", type=int, help="B (default: two groups, more when T would exceed 4096)")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--min-runs", type=int)
+    p.add_argument("--max-runs", type=int)
+    p.add_argument("--budget", type=float, help="seconds of timed runs per measurement")
+    p.add_argument("--copies", type=int, default=3, help="input copies rotated between runs (fewer if memory is short)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, markdown and PNG")
+    p.add_argument("--name", help="file stem (default: <device>-<preset>)")
+    p.add_argument("--save", action=argparse.BooleanOptionalAction, default=None, help="write JSON/markdown/PNG")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the PNG")
+    p.add_argument("--list", action="store_true", help="list the implementations, whether each runs here, and exit")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return best_device()
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device here")
+    return device
+
+
+def list_impls(device: torch.device) -> str:
+    lines = []
+    for impl in REGISTRY.values():
+        reason = impl.unavailable(device)
+        lines.append(f"{impl.name:<19} {'runs here' if reason is None else 'not here: ' + reason}\n    {impl.computes}")
+    return "\n".join(lines)
+
+
+def _shapes(plan: Preset, args: argparse.Namespace) -> list:
+    """The plan's shapes, or the grid of the values given (the plan's for the others)."""
+    cases = plan.cases
+    if args.dtype or args.vocab or args.tokens:
+        dtypes, vocabs, tokens = (sorted({case[i] for case in cases}) for i in range(3))
+        cases = grid(args.dtype or dtypes, args.vocab or vocabs, args.tokens or tokens)
+    rows = args.rows or (None if args.group_size else plan.rows)
+    return [shape_for_tokens(n, v, DTYPES[d], args.group_size or plan.group_size, rows) for d, v, n in cases]
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_preset: str = "sweep") -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser(prog).parse_args(argv)
+    device = resolve_device(args.device)
+    if args.list:
+        print(list_impls(device))
+        return 0
+    preset_name = args.preset or default_preset
+    plan = preset(preset_name, device)
+    for dtype in args.dtype or ():
+        if dtype not in DTYPES:
+            raise SystemExit(f"--dtype: unknown {dtype!r}; known: {list(DTYPES)}")
+    for mode in args.modes or ():
+        if mode not in MODES:
+            raise SystemExit(f"--modes: unknown {mode!r}; known: {list(MODES)}")
+    try:
+        shapes = _shapes(plan, args)
+        impls = select(args.impl or list(plan.impls), device)
+    except ValueError as err:
+        raise SystemExit(str(err))
+    options = dict(warmup=args.warmup, min_runs=args.min_runs, max_runs=args.max_runs, budget_s=args.budget)
+    timer = Timer(device, **{**plan.timer, **{k: v for k, v in options.items() if v is not None}})
+    runner.log(f"measuring the copy bandwidth of {device} ...")
+    bandwidth = copy_bandwidth(timer, default_copy_bytes(device))
+    settings = runner.Settings(timer, bandwidth, copies=max(1, args.copies), seed=args.seed)
+    command = f"{prog} {shlex.join(argv)}".strip()
+    env = report.environment(device, command, bandwidth, timer)
+    runner.log(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    records = runner.run(shapes, list(args.modes or plan.modes), impls, settings)
+    computes = {impl.name: impl.computes for impl in impls}
+    verdicts = targets.evaluate(records, device.type)
+    print(f"lens-kernels benchmark on {env['device']} ({command})")
+    print(report.terminal(records, env, computes, verdicts))
+    if args.save if args.save is not None else plan.save:
+        stem = args.name or f"{report.device_slug(device)}-{preset_name}"
+        png = plot(records, args.out / f"{stem}.png", env["device"]) if args.plot else None
+        paths = report.write(args.out, stem, records, env, computes, verdicts, png.name if png else None)
+        print("\nwrote " + ", ".join(str(p) for p in paths + ([png] if png else [])))
+    return 1 if any(r["status"] in ("failed-check", "error") for r in records) else 0

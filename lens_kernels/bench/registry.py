@@ -1,0 +1,179 @@
+"""The implementations the benchmarks compare, each with what it computes and when it runs.
+
+Every implementation maps the same :class:`~lens_kernels.bench.problems.Inputs` to a 0-dim
+loss; the benchmark differentiates it with respect to ``Impl.leaf(inputs)`` and compares
+``Impl.logits_grad(grad)`` (always ``[B, T, V]``) with the float64 reference.  All of them use
+the loss options of :meth:`Inputs.loss_kwargs`: on-policy (``old = logp.detach()``),
+temperature 1, ``eps_low = eps_high = 0.2``, no KL, ``seq-mean-token-mean``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import lens_kernels as lk
+
+from .. import reference
+from ..backends import resolve
+from ..config import LossConfig
+from ..groups import GroupLayout
+from .problems import Inputs
+
+MODES = ("lens", "grpo")
+LossFn = Callable[[Inputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """``build(mode)`` returns a fresh callable ``inputs -> loss`` (fresh so that a compiled
+    implementation recompiles for each shape); ``unavailable(device)`` is None when it runs
+    on ``device``, otherwise the reason it does not."""
+
+    name: str
+    computes: str
+    build: Callable[[str], LossFn]
+    unavailable: Callable[[torch.device], Optional[str]]
+    modes: tuple[str, ...] = MODES
+    grad_of_full: bool = False  # differentiates ``full [B, T+1, V]`` instead of ``logits``
+
+    def skip_reason(self, device: torch.device, mode: str) -> Optional[str]:
+        if mode not in self.modes:
+            return f"{self.name} computes only mode(s) {list(self.modes)}"
+        return self.unavailable(torch.device(device))
+
+    def leaf(self, inputs: Inputs) -> torch.Tensor:
+        return inputs.full if self.grad_of_full else inputs.logits
+
+    def logits_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad[:, :-1] if self.grad_of_full else grad
+
+
+FUSED_COMPUTES = (
+    "lk.fused_lens_loss(backend={backend!r}, check_finite=False): the SPEC loss in the given mode, "
+    "confidences/difficulty/advantages included, from logits [B,T,V] with fp32 accumulation and no "
+    "[B,T,V] fp32 buffer; backward allocates one gradient in the logits' dtype"
+)
+REFERENCE_COMPUTES = (
+    "lk.reference.token_logprobs(compute_dtype=float32) then lk.reference.epilogue (the body of "
+    "lk.reference.fused_lens_loss in fp32, without its argument checks){how}: the same loss in plain PyTorch, "
+    "materialising fp32 log_softmax over [B,T,V]; autograd backward (the float64 gold is not timed)"
+)
+LIGER_COMPUTES = (
+    "liger_kernel triton_grpo_loss(loss_type='grpo', beta=0, eps 0.2/0.2, temperature 1, inplace=False, "
+    "reduce=True) on the full [B,T+1,V] logits (last position unused), after GRPO advantages "
+    "(r - mean_g) / (std_g + 1e-6) computed in PyTorch inside the timed call; equals SPEC mode='grpo' "
+    "with seq-mean-token-mean when every row has a completion token (true here); gradient w.r.t. "
+    "[B,T+1,V] (last position zero)"
+)
+
+
+def _fused(backend: str) -> Impl:
+    def build(mode: str) -> LossFn:
+        return lambda x: lk.fused_lens_loss(**x.loss_kwargs(), mode=mode, backend=backend, check_finite=False).loss
+
+    def unavailable(device: torch.device) -> Optional[str]:
+        if lk.is_available(backend, device):
+            return None
+        if backend == "triton":
+            return "the Triton backend needs a CUDA device here (TRITON_INTERPRET=1 runs it on the CPU, far too slowly to time)"
+        return f"the {backend} backend is not available on {device} (extension not built, or no CUDA device)"
+
+    return Impl(f"fused-{backend}", FUSED_COMPUTES.format(backend=backend), build, unavailable)
+
+
+def _reference_core(mode: str) -> Callable:
+    cfg = LossConfig(mode=mode)
+
+    def loss(logits, target_ids, mask, rewards, groups: GroupLayout, temperature: float) -> torch.Tensor:
+        logp = reference.token_logprobs(logits, target_ids, temperature, torch.float32)
+        return reference.epilogue(logp, logp.detach(), mask, rewards, groups, cfg).loss
+
+    return loss
+
+
+def _reference(core: Callable) -> LossFn:
+    return lambda x: core(x.logits, x.target_ids, x.completion_mask, x.rewards, x.groups, x.temperature)
+
+
+def _always(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _eager(mode: str) -> LossFn:
+    return _reference(_reference_core(mode))
+
+
+def _compiled(mode: str) -> LossFn:
+    torch._dynamo.reset()  # one shape per build: never hits the recompile limit, never falls back
+    return _reference(torch.compile(_reference_core(mode), dynamic=False))
+
+
+def _compile_unavailable(device: torch.device) -> Optional[str]:
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile's inductor needs triton for CUDA tensors"
+    if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        return "torch.compile's inductor needs a C++ compiler for CPU tensors"
+    return None
+
+
+def _liger_grpo(mode: str) -> LossFn:
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    def run(x: Inputs) -> torch.Tensor:
+        r = x.rewards.view(-1, x.shape.group_size)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).reshape(-1)
+        loss, _ = triton_grpo_loss(
+            x.full, None, None, x.target_ids, adv, x.mask_float, temperature=x.temperature, beta=0.0,
+            eps_low=0.2, eps_high=0.2, inplace=False, loss_type="grpo", reduce=True,
+        )
+        return loss
+
+    return run
+
+
+def _liger_unavailable(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'lens-kernels[bench]')"
+    if device.type != "cuda":
+        return "Liger-Kernel's GRPO loss is a Triton kernel: it needs a CUDA device"
+    try:
+        importlib.import_module("liger_kernel.transformers.grpo_loss")
+    except ImportError as err:
+        return f"liger_kernel.transformers.grpo_loss does not import: {err}"
+    return None
+
+
+def _registry() -> dict[str, Impl]:
+    impls = [_fused(name) for name in ("triton", "cuda", "torch")]
+    impls += [
+        Impl("reference-eager", REFERENCE_COMPUTES.format(how=""), _eager, _always),
+        Impl("reference-compiled", REFERENCE_COMPUTES.format(how=" under torch.compile (inductor, default mode, "
+             "dynamic=False; compile time excluded)"), _compiled, _compile_unavailable),
+        Impl("liger-grpo", LIGER_COMPUTES, _liger_grpo, _liger_unavailable, modes=("grpo",), grad_of_full=True),
+    ]
+    return {impl.name: impl for impl in impls}
+
+
+REGISTRY: dict[str, Impl] = _registry()
+
+
+def fused_auto(device: torch.device) -> str:
+    """The registry name of the backend ``backend="auto"`` picks on ``device``."""
+    return f"fused-{resolve('auto', torch.device(device))}"
+
+
+def select(names: Optional[list[str]], device: torch.device) -> list[Impl]:
+    """The implementations named (``"fused"`` means the auto backend), or all of them."""
+    if not names:
+        return list(REGISTRY.values())
+    chosen = []
+    for name in names:
+        name = fused_auto(device) if name == "fused" else name
+        if name not in REGISTRY:
+            raise ValueError(f"--impl: unknown implementation {name!r}; known: {['fused', *REGISTRY]}")
+        chosen.append(REGISTRY[name])
+    return chosen

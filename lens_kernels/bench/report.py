@@ -1,0 +1,192 @@
+"""What a benchmark run writes: the environment, a table (terminal and markdown), JSON, a plot."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import lens_kernels
+
+COLUMNS = ("shape", "mode", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "x floor", "peak +MB", "peak-grad MB",
+           "loss err", "grad err (rel)")
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _run(command: list[str], cwd: Optional[Path] = None) -> Optional[str]:
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=20, cwd=cwd)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: torch.device) -> str:
+    """File-name stem of the device: ``nvidia-h100-80gb-hbm3``, ``cpu-amd-epyc-2c``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu {cpu_model()} {os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def environment(device: torch.device, command: str, bandwidth: float, timer) -> dict:
+    repo = Path(lens_kernels.__file__).resolve().parent.parent
+    commit = _run(["git", "rev-parse", "--short", "HEAD"], repo)
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo)
+    return dict(
+        command=command,
+        date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        device=device_name(device),
+        device_type=device.type,
+        torch=torch.__version__,
+        triton=_version("triton"),
+        cuda_runtime=torch.version.cuda,
+        driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if device.type == "cuda" else None,
+        liger_kernel=_version("liger-kernel"),
+        lens_kernels=lens_kernels.__version__,
+        git_commit=None if commit is None else commit + ("-dirty" if dirty else ""),
+        python=platform.python_version(),
+        host_cpu=cpu_model(),
+        torch_threads=torch.get_num_threads(),
+        load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        copy_bandwidth_gbps=bandwidth / 1e9,
+        timing=dict(warmup=timer.warmup, min_runs=timer.min_runs, max_runs=timer.max_runs, budget_s=timer.budget_s,
+                    clock="CUDA events" if device.type == "cuda" else "time.perf_counter"),
+    )
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-2 or abs(value) >= 1e5:
+        return f"{value:.1e}"
+    return f"{value:.{digits}g}"
+
+
+def table_rows(records: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        shape = f"V={r['vocab']} N={r['tokens']} {r['dtype']}"
+        if r["status"] != "ok":
+            note = {"skipped": "not run", "failed-check": "FAILED CHECK", "oom": "out of memory", "error": "error"}
+            errors = [_num(r.get("loss_error")), _num(r.get("grad_relative_error"))] if "loss_error" in r else ["-", "-"]
+            rows.append([shape, r["mode"], r["impl"], note[r["status"]], *["-"] * 6, *errors])
+            continue
+        rows.append([
+            shape, r["mode"], r["impl"], _num(r["fwd_median_ms"]), _num(r["fwdbwd_median_ms"]), _num(r["gbps"]),
+            _num(r["x_floor"]), _num(r["peak_extra_mb"], 4), _num(r["peak_extra_minus_grad_mb"], 4),
+            _num(r["loss_error"]), _num(r["grad_relative_error"]),
+        ])
+    return rows
+
+
+def text_table(records: list[dict]) -> str:
+    rows = [list(COLUMNS)] + table_rows(records)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(records: list[dict]) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"
+    return "\n".join([head] + ["| " + " | ".join(row) + " |" for row in table_rows(records)])
+
+
+def notes(records: list[dict], computes: dict[str, str]) -> list[str]:
+    """Why rows were not run, and what each implementation computes."""
+    lines = []
+    reasons = sorted({(r["impl"], r["mode"], r["status"], r["reason"]) for r in records if r["status"] != "ok"})
+    for impl, mode, status, reason in reasons:
+        lines.append(f"- {impl} ({mode}): {status}: {reason}")
+    return lines + [f"- **{name}**: {text}" for name, text in computes.items()]
+
+
+def targets_lines(results: list[dict]) -> list[str]:
+    lines = []
+    for t in results:
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        bound = "<=" if t["at_most"] else ">="
+        lines.append(f"- {t['target']} (V={t['vocab']} N={t['tokens']} {t['dtype']}, {t['mode']}): "
+                     f"{value} (want {bound} {t['limit']:g}): **{t['verdict']}**")
+    return lines
+
+
+def legend(env: dict) -> list[str]:
+    return [
+        f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda_runtime']}, "
+        f"driver {env['driver']}, liger-kernel {env['liger_kernel']}, lens-kernels {env['lens_kernels']} "
+        f"({env['git_commit']}); {env['torch_threads']} torch threads, load average {env['load_average']}.",
+        f"Copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; floor = (2 x logits bytes + gradient bytes) / "
+        "bandwidth; GB/s = those bytes / fwd+bwd time; x floor = fwd+bwd time / floor.",
+        f"Times: median of many runs after warm-up ({env['timing']['clock']}), inputs rotated among copies; forward "
+        "runs with autograd recording. peak +MB: allocated above the inputs during fwd+bwd, the returned "
+        "gradient included; peak-grad MB: the same minus the gradient. Errors against the float64 reference "
+        "on the timed inputs: loss absolute, gradient max abs / max |grad|.",
+    ]
+
+
+def markdown(records: list[dict], env: dict, computes: dict[str, str], targets: list[dict],
+             plot: Optional[str] = None) -> str:
+    parts = [f"# lens-kernels benchmark: {env['device']}", "", f"Command: `{env['command']}` ({env['date_utc']})", ""]
+    parts += legend(env) + ["", markdown_table(records), ""]
+    if plot:
+        parts += [f"![time and memory against N]({plot})", ""]
+    if targets:
+        parts += ["## Targets", ""] + targets_lines(targets) + [""]
+    parts += ["## Notes", ""] + notes(records, computes)
+    return "\n".join(parts) + "\n"
+
+
+def terminal(records: list[dict], env: dict, computes: dict[str, str], targets: list[dict]) -> str:
+    parts = legend(env) + ["", text_table(records)]
+    if targets:
+        parts += ["", "Targets:"] + targets_lines(targets)
+    parts += ["", "Notes:"] + notes(records, computes)
+    return "\n".join(parts).replace("**", "")
+
+
+def write(out_dir: Path, stem: str, records: list[dict], env: dict, computes: dict[str, str],
+          targets: list[dict], plot: Optional[str] = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    payload = dict(environment=env, implementations=computes, targets=targets, results=records)
+    json_path.write_text(json.dumps(payload, indent=1) + "\n")
+    md_path.write_text(markdown(records, env, computes, targets, plot))
+    return [json_path, md_path]

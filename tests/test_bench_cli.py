@@ -1,0 +1,152 @@
+"""Smoke tests of the benchmark package on tiny CPU shapes (no timing assertions).
+
+The float64 gate is checked against ``lk.reference`` plus autograd, the memory measurement
+against allocations of known size, and the CLI and ``python -m lens_kernels`` end to end
+(JSON, markdown, PNG into ``tmp_path``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import lens_kernels as lk
+from lens_kernels import __main__ as main_module
+from lens_kernels.backends import torch_backend
+from lens_kernels.bench import check, cli, registry, runner, targets
+from lens_kernels.bench.measure import Timer, peak_bytes
+from lens_kernels.bench.problems import make_inputs, shape_for_tokens
+
+CPU = torch.device("cpu")
+TINY = ["--device", "cpu", "--vocab", "1000", "--tokens", "64", "--group-size", "4", "--rows", "8",
+        "--warmup", "1", "--min-runs", "2", "--max-runs", "2", "--budget", "0.01", "--copies", "2"]
+
+
+def tiny_inputs(vocab=1000, dtype=torch.float32, seed=0):
+    return make_inputs(shape_for_tokens(64, vocab, dtype, group_size=4, rows=8), CPU, seed)
+
+
+def reference_loss_and_grad(inputs, mode):
+    """The plain float64 reference and autograd, on a float64 copy of the logits."""
+    logits = inputs.logits.detach().double().requires_grad_(True)
+    out = lk.reference.fused_lens_loss(**inputs.loss_kwargs(logits), mode=mode)
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    return out.loss.detach(), grad
+
+
+def test_inputs_share_storage_in_trainer_layout():
+    x = tiny_inputs()
+    assert x.full.shape == (8, 9, 1000) and x.logits.shape == (8, 8, 1000)
+    assert x.logits.data_ptr() == x.full.data_ptr() and not x.logits.is_contiguous()
+    assert x.logits.is_leaf and x.full.is_leaf and x.logits.requires_grad
+    assert torch.equal(x.full.detach()[:, :-1], x.logits.detach())
+    copy = x.copy()
+    assert copy.full.data_ptr() != x.full.data_ptr() and torch.equal(copy.full, x.full)
+    assert x.completion_mask.any(-1).all(), "every row has a completion token (Liger's mean equals the SPEC's)"
+
+
+@pytest.mark.parametrize("mode", ["lens", "grpo"])
+def test_gold_equals_reference_autograd(monkeypatch, mode):
+    monkeypatch.setattr(check, "CHUNK_BYTES", 3 * 32 * 1000)  # 3 positions per chunk: many chunks
+    x = tiny_inputs()
+    gold = check.gold(x, mode, check.gold_logprobs(x))
+    loss, grad = reference_loss_and_grad(x, mode)
+    assert gold.loss == pytest.approx(float(loss), abs=1e-14)
+    result = check.compare(loss, grad, x, gold)
+    assert result.passed and result.grad_error <= 1e-15 * result.grad_scale and result.grad_scale > 0
+
+
+def test_check_fails_a_wrong_gradient():
+    x = tiny_inputs()
+    gold = check.gold(x, "lens", check.gold_logprobs(x))
+    loss, grad = reference_loss_and_grad(x, "lens")
+    assert not check.compare(loss, grad * 1.01, x, gold).passed
+    assert not check.compare(loss + 1e-2, grad, x, gold).passed
+    bad = grad.clone()
+    bad[0, 3, 7] = math.nan
+    assert not check.compare(loss, bad, x, gold).passed
+
+
+def test_wrong_implementation_is_not_timed():
+    eager = registry.REGISTRY["reference-eager"]
+    wrong = replace(eager, name="wrong", build=lambda mode: (lambda x: 1.01 * eager.build(mode)(x)))
+    x = tiny_inputs()
+    settings = runner.Settings(Timer(CPU, warmup=1, min_runs=2, max_runs=2, budget_s=0.01), bandwidth=1e10)
+    gold = check.gold(x, "lens", check.gold_logprobs(x))
+    record = runner.measure(wrong, "lens", [x], gold, settings)
+    assert record["status"] == "failed-check" and "fwd_median_ms" not in record
+    record = runner.measure(eager, "lens", [x, x.copy()], gold, settings)
+    assert record["status"] == "ok" and record["fwdbwd_runs"] == 2 and record["grad_relative_error"] < 1e-5
+
+
+def test_cpu_peak_memory_counts_allocations(monkeypatch):
+    assert peak_bytes(lambda _: torch.ones(1_000_000), None, CPU) == 4_000_000
+    x = tiny_inputs(vocab=4000)
+    numel = x.logits.numel()
+    fp64 = peak_bytes(lambda x: lk.reference.fused_lens_loss(**x.loss_kwargs()).loss, x, CPU)
+    assert fp64 >= 2 * 8 * numel, "the float64 copy and the float64 log_softmax must both show"
+    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 12 * 4000 * 8)  # 8 positions per chunk
+    fused = registry.REGISTRY["fused-torch"]
+    extra = peak_bytes(runner.forward_backward(fused, fused.build("lens")), x, CPU)
+    assert 4 * numel <= extra < 2 * 4 * numel, "the fp32 gradient plus a few chunk-sized temporaries"
+
+
+def test_registry_states_what_each_computes_and_why_not():
+    names = set(registry.REGISTRY)
+    assert {"fused-triton", "fused-cuda", "fused-torch", "reference-eager", "reference-compiled", "liger-grpo"} <= names
+    for impl in registry.REGISTRY.values():
+        assert len(impl.computes) > 60
+    liger = registry.REGISTRY["liger-grpo"]
+    assert "only mode" in liger.skip_reason(CPU, "lens")
+    assert "CUDA" in liger.skip_reason(CPU, "grpo") or "not installed" in liger.skip_reason(CPU, "grpo")
+    assert registry.REGISTRY["fused-torch"].skip_reason(CPU, "lens") is None
+    assert [i.name for i in registry.select(["fused", "reference-eager"], CPU)] == ["fused-torch", "reference-eager"]
+    with pytest.raises(ValueError, match="unknown implementation"):
+        registry.select(["nope"], CPU)
+
+
+def test_cli_writes_json_markdown_and_plot(tmp_path, capsys):
+    argv = TINY + ["--modes", "lens,grpo", "--impl", "fused-torch,reference-eager,liger-grpo",
+                   "--out", str(tmp_path), "--name", "smoke", "--save"]
+    assert cli.main(argv) == 0
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    assert payload["environment"]["command"] == "lens-bench " + " ".join(argv)
+    assert payload["environment"]["torch"] == torch.__version__ and payload["environment"]["copy_bandwidth_gbps"] > 0
+    by_key = {(r["impl"], r["mode"]): r for r in payload["results"]}
+    assert len(by_key) == 6
+    for impl in ("fused-torch", "reference-eager"):
+        for mode in ("lens", "grpo"):
+            r = by_key[impl, mode]
+            assert r["status"] == "ok" and r["check_passed"] and r["grad_relative_error"] < 1e-5
+            assert r["fwd_median_ms"] > 0 and r["fwdbwd_median_ms"] > 0 and r["x_floor"] > 0
+            assert r["peak_extra_mb"] >= r["grad_mb"] > 0
+    assert by_key["liger-grpo", "lens"]["status"] == "skipped"
+    assert by_key["liger-grpo", "grpo"]["status"] == "skipped" and by_key["liger-grpo", "grpo"]["reason"]
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| shape | mode | impl | fwd ms |" in md and "**liger-grpo**:" in md and "Copy bandwidth" in md
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fused-torch" in capsys.readouterr().out
+
+
+def test_main_command_prints_table_with_device_and_versions(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main_module.main(TINY) == 0
+    out = capsys.readouterr().out
+    assert "fused-torch" in out and "reference-eager" in out and torch.__version__ in out and "Device:" in out
+    assert not (tmp_path / "benchmarks").exists(), "the quick run writes no files unless asked"
+
+
+def test_targets_report_met_missed_and_not_measured():
+    base = dict(mode="lens", dtype="fp32", vocab=32000, tokens=4096, status="ok")
+    fused = dict(base, impl="fused-torch", fwdbwd_median_ms=90.0, peak_extra_mb=100.0, peak_extra_minus_grad_mb=5.0)
+    eager = dict(base, impl="reference-eager", fwdbwd_median_ms=100.0, peak_extra_mb=500.0,
+                 peak_extra_minus_grad_mb=400.0)
+    verdicts = {t["target"]: t["verdict"] for t in targets.evaluate([fused, eager], "cpu")}
+    assert list(verdicts.values()) == ["missed by 100%", "met", "met"]
+    verdicts = targets.evaluate([fused, dict(eager, status="oom")], "cpu")
+    assert all(t["verdict"] == "not measured (reference-eager)" for t in verdicts)
+    assert targets.evaluate([dict(fused, tokens=512)], "cpu") == []
