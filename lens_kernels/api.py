@@ -9,7 +9,7 @@ from . import ops, reference
 from .config import LossConfig
 from .output import LensOutput
 from .validation import (
-    _choice, _eager, _float_tensor, _number, check_backend, check_groups, check_logits, check_mask,
+    _choice, _eager, _float_tensor, _number, check_backend, check_groups, check_inplace, check_logits, check_mask,
     check_rewards, check_targets, check_temperature, validate,
 )
 from .config import MODES
@@ -75,6 +75,7 @@ def fused_lens_loss(
         ref_logprobs, beta, mode, alpha, eps_low, eps_high, clip_ratio_c, temperature,
         loss_agg_mode, scale_by_std, std_eps, length_gamma, backend,
     )
+    check_inplace(inplace_backward, logits)
     logp = ops.token_logprobs(logits, target_ids, temperature, checked.backend, inplace_backward)
     work = logp.dtype  # fp32 (float64 for float64 logits on the torch backend)
     mask = completion_mask.to(work).contiguous()
@@ -104,6 +105,7 @@ def token_logprobs(
     check_targets(target_ids, logits)
     check_temperature(temperature)
     backend = check_backend(backend, logits)
+    check_inplace(inplace_backward, logits)
     return ops.token_logprobs(logits, target_ids, temperature, backend, inplace_backward)
 
 

@@ -86,6 +86,24 @@ def check_backend(backend, logits: torch.Tensor) -> str:
     return backend
 
 
+def check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
+    """``inplace_backward`` needs logits whose elements do not share memory (an expanded or
+    otherwise self-overlapping tensor would have several gradient writes race)."""
+    if not inplace_backward:
+        return False
+    dims = sorted((stride, size) for stride, size in zip(logits.stride(), logits.shape) if size > 1)
+    span = 1
+    for stride, size in dims:
+        if stride < span:
+            raise ValueError(
+                "inplace_backward: the logits' elements overlap in memory (strides "
+                f"{tuple(logits.stride())} for shape {tuple(logits.shape)}); pass contiguous "
+                "or sliced logits, or inplace_backward=False"
+            )
+        span = stride * size
+    return True
+
+
 def check_targets(target_ids, logits: torch.Tensor) -> torch.Tensor:
     """``target_ids``: int64 ``[B, T]`` with ``0 <= id < V``."""
     batch, length, vocab = logits.shape

@@ -68,6 +68,16 @@ def test_bad_input_raises_naming_the_argument(case):
             lk.reference.fused_lens_loss(**kwargs)
 
 
+def test_inplace_backward_refuses_overlapping_logits():
+    kwargs = problem()
+    kwargs["logits"] = kwargs["logits"][:, :1].expand(4, 5, 37)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        lk.fused_lens_loss(**kwargs, backend="torch", inplace_backward=True)
+    sliced = problem()  # a strided, non-overlapping view is fine
+    assert sliced["logits"].stride() != sliced["logits"].contiguous().stride()
+    lk.fused_lens_loss(**sliced, backend="torch", inplace_backward=True)
+
+
 def test_device_mismatch_is_named():
     kwargs = problem(rewards=torch.zeros(4, device="meta"))
     with pytest.raises(ValueError, match="rewards.*device"):
