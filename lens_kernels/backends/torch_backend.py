@@ -38,13 +38,19 @@ def _chunks(batch: int, length: int, vocab: int) -> Iterator[tuple[slice, slice]
                 yield slice(b, b + 1), slice(t, t + rows)
 
 
+def _scaled(chunk: torch.Tensor, dtype: torch.dtype, inv_temperature: float) -> torch.Tensor:
+    """``chunk * inv_temperature`` in ``dtype``; the chunk itself (no copy) when that is it."""
+    chunk = chunk.to(dtype)
+    return chunk if inv_temperature == 1.0 else chunk * inv_temperature
+
+
 def logprobs_forward(logits, target_ids, inv_temperature):
     batch, length, vocab = logits.shape
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = logits.new_empty((batch, length), dtype=work)
     lse = torch.empty_like(logp)
     for rows, cols in _chunks(batch, length, vocab):
-        z = logits[rows, cols].to(work) * inv_temperature
+        z = _scaled(logits[rows, cols], work, inv_temperature)
         lse[rows, cols] = torch.logsumexp(z, -1)
         logp[rows, cols] = z.gather(-1, target_ids[rows, cols].unsqueeze(-1)).squeeze(-1) - lse[rows, cols]
     return logp, lse
@@ -55,10 +61,17 @@ def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inpla
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     for rows, cols in _chunks(batch, length, vocab):
         scale = (grad_logp[rows, cols] * inv_temperature).unsqueeze(-1)
-        z = logits[rows, cols].to(lse.dtype) * inv_temperature
-        chunk = torch.exp(z - lse[rows, cols].unsqueeze(-1)).mul_(-scale)
+        z = _scaled(logits[rows, cols], lse.dtype, inv_temperature)
+        out = grad[rows, cols]
+        # Work in the gradient's own storage where its dtype allows (fp32 logits, or in place
+        # over them): no temporary of the chunk's size at all.
+        chunk = out if out.dtype == lse.dtype and out.is_contiguous() else torch.empty_like(z)
+        torch.sub(z, lse[rows, cols].unsqueeze(-1), out=chunk)
+        chunk.exp_().mul_(-scale)
         chunk.scatter_add_(-1, target_ids[rows, cols].unsqueeze(-1), scale)
-        grad[rows, cols] = chunk.masked_fill_(scale == 0, 0)
+        chunk.masked_fill_(scale == 0, 0)
+        if chunk is not out:
+            out.copy_(chunk)
     return grad
 
 
