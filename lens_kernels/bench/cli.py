@@ -48,6 +48,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, help="seconds of timed runs per measurement")
     p.add_argument("--copies", type=int, default=3, help="input copies rotated between runs (fewer if memory is short)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads); default: torch's own")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, markdown and PNG")
     p.add_argument("--name", help="file stem (default: <device>-<preset>)")
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=None, help="write JSON/markdown/PNG")
@@ -87,6 +88,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_pre
     argv = sys.argv[1:] if argv is None else argv
     args = parser(prog).parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.list:
         print(list_impls(device))
         return 0
@@ -110,7 +113,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_pre
     settings = runner.Settings(timer, bandwidth, copies=max(1, args.copies), seed=args.seed)
     command = f"{prog} {shlex.join(argv)}".strip()
     env = report.environment(device, command, bandwidth, timer)
-    runner.log(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    runner.log(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; "
+               f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     records = runner.run(shapes, list(args.modes or plan.modes), impls, settings)
     computes = {impl.name: impl.computes for impl in impls}
     verdicts = targets.evaluate(records, device.type)

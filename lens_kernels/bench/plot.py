@@ -34,7 +34,8 @@ def plot(records: list[dict], path: Path, title: str) -> Optional[Path]:
             n, ms, mb = zip(*points)
             axes[row][0].plot(n, ms, "o-", color=styles[impl], label=impl)
             axes[row][1].plot(n, mb, "o-", color=styles[impl], label=impl)
-        floors = sorted({(r["tokens"], r["floor_ms"]) for r in ok if (r["mode"], r["vocab"], r["dtype"]) == (mode, vocab, dtype)})
+        floors = sorted({(r["tokens"], r["floor_ms"]) for r in ok
+                         if (r["mode"], r["vocab"], r["dtype"]) == (mode, vocab, dtype)})
         n, floor = zip(*floors)
         axes[row][0].plot(n, floor, "k--", label="bandwidth floor")
         for col, ylabel in enumerate(("forward+backward ms (median)", "peak MB above inputs (fwd+bwd)")):

@@ -59,8 +59,13 @@ FUSED_COMPUTES = (
 )
 REFERENCE_COMPUTES = (
     "lk.reference.token_logprobs(compute_dtype=float32) then lk.reference.epilogue (the body of "
-    "lk.reference.fused_lens_loss in fp32, without its argument checks){how}: the same loss in plain PyTorch, "
-    "materialising fp32 log_softmax over [B,T,V]; autograd backward (the float64 gold is not timed)"
+    "lk.reference.fused_lens_loss in fp32, without its argument checks): the same loss in plain PyTorch, {how}; "
+    "the float64 gold is not timed"
+)
+EAGER_HOW = "materialising fp32 log_softmax over [B,T,V], autograd backward"
+COMPILED_HOW = (
+    "under torch.compile (inductor, default mode, dynamic=False; compile time excluded): inductor fuses the "
+    "vocabulary ops and chooses what to keep for the backward"
 )
 LIGER_COMPUTES = (
     "liger_kernel triton_grpo_loss(loss_type='grpo', beta=0, eps 0.2/0.2, temperature 1, inplace=False, "
@@ -79,7 +84,8 @@ def _fused(backend: str) -> Impl:
         if lk.is_available(backend, device):
             return None
         if backend == "triton":
-            return "the Triton backend needs a CUDA device here (TRITON_INTERPRET=1 runs it on the CPU, far too slowly to time)"
+            return ("the Triton backend needs a CUDA device here (TRITON_INTERPRET=1 runs it on the CPU, "
+                    "far too slowly to time)")
         return f"the {backend} backend is not available on {device} (extension not built, or no CUDA device)"
 
     return Impl(f"fused-{backend}", FUSED_COMPUTES.format(backend=backend), build, unavailable)
@@ -150,9 +156,8 @@ def _liger_unavailable(device: torch.device) -> Optional[str]:
 def _registry() -> dict[str, Impl]:
     impls = [_fused(name) for name in ("triton", "cuda", "torch")]
     impls += [
-        Impl("reference-eager", REFERENCE_COMPUTES.format(how=""), _eager, _always),
-        Impl("reference-compiled", REFERENCE_COMPUTES.format(how=" under torch.compile (inductor, default mode, "
-             "dynamic=False; compile time excluded)"), _compiled, _compile_unavailable),
+        Impl("reference-eager", REFERENCE_COMPUTES.format(how=EAGER_HOW), _eager, _always),
+        Impl("reference-compiled", REFERENCE_COMPUTES.format(how=COMPILED_HOW), _compiled, _compile_unavailable),
         Impl("liger-grpo", LIGER_COMPUTES, _liger_grpo, _liger_unavailable, modes=("grpo",), grad_of_full=True),
     ]
     return {impl.name: impl for impl in impls}

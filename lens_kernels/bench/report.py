@@ -15,6 +15,8 @@ import torch
 
 import lens_kernels
 
+# Environment variables that change what is measured (threads, allocators, interpreters).
+ENV_PREFIXES = ("OMP_", "MKL_", "MALLOC_", "LD_PRELOAD", "TRITON_", "PYTORCH_", "CUDA_", "TORCH")
 COLUMNS = ("shape", "mode", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "x floor", "peak +MB", "peak-grad MB",
            "loss err", "grad err (rel)")
 
@@ -74,13 +76,15 @@ def environment(device: torch.device, command: str, bandwidth: float, timer) -> 
         torch=torch.__version__,
         triton=_version("triton"),
         cuda_runtime=torch.version.cuda,
-        driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if device.type == "cuda" else None,
+        driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        if device.type == "cuda" else None,
         liger_kernel=_version("liger-kernel"),
         lens_kernels=lens_kernels.__version__,
         git_commit=None if commit is None else commit + ("-dirty" if dirty else ""),
         python=platform.python_version(),
         host_cpu=cpu_model(),
         torch_threads=torch.get_num_threads(),
+        environment_variables={k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         load_average=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         copy_bandwidth_gbps=bandwidth / 1e9,
         timing=dict(warmup=timer.warmup, min_runs=timer.min_runs, max_runs=timer.max_runs, budget_s=timer.budget_s,
@@ -88,28 +92,31 @@ def environment(device: torch.device, command: str, bandwidth: float, timer) -> 
     )
 
 
-def _num(value, digits: int = 3) -> str:
+def _num(value) -> str:
     if value is None:
         return "-"
     if value == 0:
         return "0"
-    if abs(value) < 1e-2 or abs(value) >= 1e5:
+    if abs(value) < 1e-2 or abs(value) >= 1e6:
         return f"{value:.1e}"
-    return f"{value:.{digits}g}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def table_rows(records: list[dict]) -> list[list[str]]:
+    """One row per implementation that ran (skipped ones are listed in the notes)."""
     rows = []
     for r in records:
         shape = f"V={r['vocab']} N={r['tokens']} {r['dtype']}"
+        if r["status"] == "skipped":
+            continue
         if r["status"] != "ok":
-            note = {"skipped": "not run", "failed-check": "FAILED CHECK", "oom": "out of memory", "error": "error"}
-            errors = [_num(r.get("loss_error")), _num(r.get("grad_relative_error"))] if "loss_error" in r else ["-", "-"]
-            rows.append([shape, r["mode"], r["impl"], note[r["status"]], *["-"] * 6, *errors])
+            note = {"failed-check": "FAILED CHECK", "oom": "out of memory", "error": "error"}[r["status"]]
+            errors = [_num(r.get("loss_error")), _num(r.get("grad_relative_error"))]
+            rows.append([shape, r["mode"], r["impl"], note, *["-"] * 6, *errors])
             continue
         rows.append([
             shape, r["mode"], r["impl"], _num(r["fwd_median_ms"]), _num(r["fwdbwd_median_ms"]), _num(r["gbps"]),
-            _num(r["x_floor"]), _num(r["peak_extra_mb"], 4), _num(r["peak_extra_minus_grad_mb"], 4),
+            _num(r["x_floor"]), _num(r["peak_extra_mb"]), _num(r["peak_extra_minus_grad_mb"]),
             _num(r["loss_error"]), _num(r["grad_relative_error"]),
         ])
     return rows
@@ -125,7 +132,8 @@ def text_table(records: list[dict]) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"
+    rule = "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS)))
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + rule + "|"
     return "\n".join([head] + ["| " + " | ".join(row) + " |" for row in table_rows(records)])
 
 
@@ -152,7 +160,8 @@ def legend(env: dict) -> list[str]:
     return [
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda_runtime']}, "
         f"driver {env['driver']}, liger-kernel {env['liger_kernel']}, lens-kernels {env['lens_kernels']} "
-        f"({env['git_commit']}); {env['torch_threads']} torch threads, load average {env['load_average']}.",
+        f"({env['git_commit']}); {env['torch_threads']} torch threads, load average {env['load_average']}"
+        f"{', env ' + str(env['environment_variables']) if env['environment_variables'] else ''}.",
         f"Copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; floor = (2 x logits bytes + gradient bytes) / "
         "bandwidth; GB/s = those bytes / fwd+bwd time; x floor = fwd+bwd time / floor.",
         f"Times: median of many runs after warm-up ({env['timing']['clock']}), inputs rotated among copies; forward "

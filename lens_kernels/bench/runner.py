@@ -93,7 +93,8 @@ def measure(impl: Impl, mode: str, copies: list[Inputs], target: check.Gold, set
         del loss, grad
         record.update(result.as_dict())
         if not result.passed:
-            return {**record, "status": "failed-check", "reason": "not timed: loss or gradient off the float64 reference"}
+            reason = "not timed: loss or gradient off the float64 reference"
+            return {**record, "status": "failed-check", "reason": reason}
         record.update(settings.timer(fn, copies).as_dict("fwd"))
         record.update(settings.timer(step, copies).as_dict("fwdbwd"))
         extra = peak_bytes(step, inputs, settings.device)
@@ -102,7 +103,8 @@ def measure(impl: Impl, mode: str, copies: list[Inputs], target: check.Gold, set
         text = str(err).strip()
         if status == "error":
             log("".join(traceback.format_exception(err)))
-        return {**record, "status": status, "reason": f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
+        first_line = text.splitlines()[0] if text else ""
+        return {**record, "status": status, "reason": f"{type(err).__name__}: {first_line}"[:300]}
     finally:
         _release(settings.device)
     floor_s = floor_seconds(shape, settings.bandwidth)
