@@ -12,7 +12,7 @@ FP32_RTOL = 1e-5
 
 
 def max_error(value: torch.Tensor, gold: torch.Tensor) -> float:
-    value, gold = value.double(), gold.double()
+    value, gold = value.detach().double(), gold.detach().double()
     both_inf = torch.isinf(value) & torch.isinf(gold) & (torch.sign(value) == torch.sign(gold))
     diff = torch.where(both_inf, 0.0, (value - gold).abs())
     return float(diff.max()) if diff.numel() else 0.0
