@@ -17,7 +17,7 @@ PATHOLOGICAL = "the answer is \\boxed{9^{9^{9^{9^{9}}}}}"  # sympy evaluates a t
 
 @pytest.fixture(scope="module")
 def verifier():
-    v = MathVerifier(timeout=4.0, workers=1)
+    v = MathVerifier(timeout=6.0, workers=1)  # math-verify's own alarm: 3 s
     yield v
     v.close()
 

@@ -18,77 +18,86 @@ from typing import Any, Optional
 MODES = ("lens", "grpo", "lens-mixed-only", "lens-negative-only")
 
 
+def _opt(default: Any, help_text: str):
+    """A dataclass field with its ``--help`` text (lists get a fresh copy per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class TrainConfig:
     """Options of ``lens-train`` (each is also a flag: ``group_size`` -> ``--group-size``)."""
 
     # --- run -------------------------------------------------------------------------------
-    model: Optional[str] = None  # local transformers causal-LM folder; None = embedded tiny model
-    run_dir: str = "runs/lens"  # checkpoints, metrics.jsonl, plot; one sub-folder per mode
-    seed: int = 0
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    bf16: bool = True  # bf16 autocast on a GPU (weights stay fp32); ignored on a CPU
-    gradient_checkpointing: bool = True  # on a GPU only
-    cpu_threads: int = 0  # torch.set_num_threads when > 0
-    plugins: list[str] = field(default_factory=list)  # modules imported first (register verifiers)
+    model: Optional[str] = _opt(None, "local transformers causal-LM folder; unset: the embedded "
+                                "tiny model")
+    run_dir: str = _opt("runs/lens", "checkpoints, metrics.jsonl and plot; a sub-folder per mode")
+    seed: int = _opt(0, "seed of everything (data order, sampling, initialisation)")
+    device: str = _opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    bf16: bool = _opt(True, "bf16 autocast on a GPU (weights stay fp32); ignored on a CPU")
+    gradient_checkpointing: bool = _opt(True, "gradient checkpointing on a GPU")
+    cpu_threads: int = _opt(0, "torch.set_num_threads when > 0")
+    plugins: list[str] = _opt([], "modules to import first (to register verifiers)")
     # --- data ------------------------------------------------------------------------------
-    train_data: str = "toy"  # "toy" (generated arithmetic) or a MATH-style JSONL file
-    eval_data: str = "toy"  # "toy", a JSONL file, or "" for no evaluation
-    prompt_template: str = (
-        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    train_data: str = _opt("toy", "'toy' (generated arithmetic) or a MATH-style JSONL file")
+    eval_data: str = _opt("toy", "'toy', a JSONL file, or '' for no evaluation")
+    prompt_template: str = _opt(
+        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+        "str.format template of the prompt, with {problem}",
     )
-    use_chat_template: bool = False  # wrap the prompt with the tokenizer's chat template
-    max_prompt_tokens: int = 1024  # longer prompts are dropped when the data is loaded
-    toy_train_size: int = 4000
-    toy_eval_size: int = 200
+    use_chat_template: bool = _opt(False, "wrap the prompt in the tokenizer's chat template")
+    max_prompt_tokens: int = _opt(1024, "longer prompts are dropped")
+    toy_train_size: int = _opt(4000, "toy training problems")
+    toy_eval_size: int = _opt(200, "toy evaluation problems (drawn with seed + 1)")
     # --- rollouts --------------------------------------------------------------------------
-    rollout: str = "hf"  # hf (transformers generate) | vllm
-    group_size: int = 16  # G completions per prompt
-    prompts_per_step: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 4096
-    generation_batch_prompts: int = 0  # prompts per generate call; 0 = all at once
-    vllm_gpu_memory_utilization: float = 0.4
+    rollout: str = _opt("hf", "hf (transformers generate) or vllm")
+    group_size: int = _opt(16, "G, completions per prompt")
+    prompts_per_step: int = _opt(32, "prompts sampled per step")
+    temperature: float = _opt(1.0, "sampling temperature (also passed to the loss)")
+    top_p: float = _opt(1.0, "nucleus sampling; 1.0 = plain sampling")
+    max_new_tokens: int = _opt(4096, "completion length cap")
+    generation_batch_prompts: int = _opt(0, "prompts per generate call; 0 = all at once")
+    vllm_gpu_memory_utilization: float = _opt(0.4, "GPU memory share of the vLLM engine")
     # --- rewards ---------------------------------------------------------------------------
-    verifier: str = "math-verify"  # a name in lens_kernels.train.rewards.VERIFIERS
-    verify_timeout: float = 10.0  # seconds per answer before the worker is killed
-    verify_workers: int = 1
+    verifier: str = _opt("math-verify", "a name in lens_kernels.train.VERIFIERS")
+    verify_timeout: float = _opt(10.0, "seconds per answer before its worker is killed")
+    verify_workers: int = _opt(1, "verifier worker processes")
     # --- loss (passed to lens_kernels.fused_lens_loss) -------------------------------------
-    modes: list[str] = field(default_factory=lambda: ["lens"])  # each runs from the same start
-    alpha: float = 0.25
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    clip_ratio_c: Optional[float] = None
-    kl_beta: float = 0.0  # > 0 keeps a frozen reference copy of the starting policy
-    loss_agg_mode: str = "seq-mean-token-mean"
-    scale_by_std: bool = True
-    length_gamma: Optional[float] = None
-    loss_backend: str = "auto"
+    modes: list[str] = _opt(["lens"], "loss modes, each trained from the same start and seed")
+    alpha: float = _opt(0.25, "weight of negative groups (LENS)")
+    clip_low: float = _opt(0.2, "PPO clip below 1 (eps_low)")
+    clip_high: float = _opt(0.2, "PPO clip above 1 (eps_high)")
+    clip_ratio_c: Optional[float] = _opt(None, "dual-clip constant (> 1) for negative advantages")
+    kl_beta: float = _opt(0.0, "k3 KL weight; > 0 keeps a frozen copy of the starting policy")
+    loss_agg_mode: str = _opt("seq-mean-token-mean", "token aggregation of the loss")
+    scale_by_std: bool = _opt(True, "divide advantages by the group std (off: Dr.GRPO)")
+    length_gamma: Optional[float] = _opt(None, "preference-aware variant (Appendix C)")
+    loss_backend: str = _opt("auto", "auto, torch, triton or cuda")
     # --- optimisation ----------------------------------------------------------------------
-    steps: int = 500
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    ppo_epochs: int = 1
-    minibatch_prompts: int = 0  # prompts per optimizer update; 0 = all prompts of the step
-    micro_batch_rows: int = 0  # rows per forward/backward (gradient accumulation); 0 = minibatch
+    steps: int = _opt(500, "RL steps per mode")
+    lr: float = _opt(1e-6, "AdamW learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient-norm clipping")
+    ppo_epochs: int = _opt(1, "passes over each step's samples")
+    minibatch_prompts: int = _opt(0, "prompts per optimizer update; 0 = all of the step")
+    micro_batch_rows: int = _opt(0, "rows per forward/backward (accumulated); 0 = minibatch")
     # --- supervised warm start (before RL, shared by every mode) ---------------------------
-    warm_start_steps: int = 0
-    warm_start_lr: float = 1e-3
-    warm_start_batch: int = 64
+    warm_start_steps: int = _opt(0, "supervised steps on prompt -> \\boxed{answer} first")
+    warm_start_lr: float = _opt(1e-3, "warm-start learning rate")
+    warm_start_batch: int = _opt(64, "warm-start batch size")
     # --- evaluation, logging, checkpoints --------------------------------------------------
-    eval_every: int = 50  # steps; also evaluated before the first and after the last step
-    eval_samples: int = 16  # n completions per prompt for the unbiased pass@k
-    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    eval_prompts: int = 0  # 0 = the whole evaluation set
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    progress: bool = True
-    # --- embedded tiny model (used when model is None) -------------------------------------
-    toy_hidden_size: int = 96
-    toy_layers: int = 2
-    toy_heads: int = 4
+    eval_every: int = _opt(50, "steps between evaluations (also at the start and the end)")
+    eval_samples: int = _opt(16, "n completions per problem for the unbiased pass@k")
+    eval_ks: list[int] = _opt([1, 2, 4, 8, 16], "k values of pass@k")
+    eval_prompts: int = _opt(0, "evaluation problems used; 0 = all")
+    save_every: int = _opt(50, "steps between checkpoints (also at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept")
+    progress: bool = _opt(True, "progress bar")
+    # --- embedded tiny model (used when model is unset) ------------------------------------
+    toy_hidden_size: int = _opt(96, "tiny model width")
+    toy_layers: int = _opt(2, "tiny model layers")
+    toy_heads: int = _opt(4, "tiny model attention heads")
 
     def __post_init__(self) -> None:
         for mode in self.modes:
@@ -131,20 +140,19 @@ class TrainConfig:
 
 
 # The embedded default: a tiny model learns the toy task on a CPU in a few minutes.  The
-# learning rate is the one knob that must differ from the paper's (a 0.2M-parameter model
+# learning rate is the one knob that must differ from the paper's (a 0.3M-parameter model
 # trained from scratch needs a far larger step than a pretrained 3B one).
 TOY_DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/toy",
     "prompt_template": "{problem}",
     "max_new_tokens": 8,
     "modes": ["lens", "grpo"],
-    "steps": 60,
+    "steps": 150,
     "lr": 3e-4,
     "minibatch_prompts": 8,
-    "warm_start_steps": 300,
-    "eval_every": 10,
-    "eval_samples": 16,
-    "save_every": 20,
+    "warm_start_steps": 150,
+    "eval_every": 15,
+    "save_every": 50,
     "cpu_threads": 2,
 }
 
@@ -219,9 +227,10 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Optional[list[str]]
         shown = getattr(defaults, f.name)
         if isinstance(shown, list):
             shown = ",".join(map(str, shown))
-        help_text = f"(default {shown!r}; embedded default {TOY_DEFAULTS[f.name]!r})" if (
-            f.name in TOY_DEFAULTS
-        ) else f"(default {shown!r})"
+        help_text = f"{f.metadata['help']} (default {shown!r}" + (
+            f"; embedded default {TOY_DEFAULTS[f.name]!r})" if f.name in TOY_DEFAULTS else ")"
+        )
+        help_text = help_text.replace("%", "%%")
         if hints[f.name] is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction,

@@ -8,6 +8,7 @@ trainer, never folded silently into "wrong".
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Callable, NamedTuple, Protocol, Sequence
 
@@ -74,7 +75,8 @@ class _Judge:
         self.inner_timeout = inner_timeout
 
     def prepare(self) -> None:
-        import math_verify  # noqa: F401  (sympy and the LaTeX parser load here, off the clock)
+        """Load math-verify (sympy, the LaTeX parser) before the first deadline starts."""
+        importlib.import_module("math_verify")
 
     def __call__(self, gold: str, answer: str) -> tuple[str, str]:
         return math_verify_judge(gold, answer, self.inner_timeout)

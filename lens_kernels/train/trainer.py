@@ -19,7 +19,7 @@ from .checkpoint import (
     atomic_write_text, latest_checkpoint, load_trainer_state, save_checkpoint, save_model,
     set_rng_state,
 )
-from .config import TrainConfig
+from .config import TrainConfig, load_yaml
 from .data import Problem, PromptSampler, load_problems
 from .engines import make_engine
 from .evaluate import evaluate
@@ -70,8 +70,6 @@ def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    from .config import load_yaml
-
     saved = TrainConfig.from_dict(load_yaml(str(saved_path))).to_dict()
     now = config.to_dict()
     changed = sorted(k for k in now if now[k] != saved[k] and k not in RESUMABLE_CHANGES)
