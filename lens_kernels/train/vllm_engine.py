@@ -42,10 +42,13 @@ class VLLMEngine:
                  max_new_tokens: int, seed: Optional[int] = None) -> Rollout:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
-            seed=seed, stop_token_ids=self.eos_ids,
-        )
+        params = [  # one seed per prompt, so that prompts do not share a random stream
+            SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                logprobs=0, seed=None if seed is None else seed + i, stop_token_ids=self.eos_ids,
+            )
+            for i in range(len(prompts))
+        ]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         completions, logprobs = [], []
         for request in self.llm.generate(requests, params, use_tqdm=False):
@@ -57,7 +60,8 @@ class VLLMEngine:
                                   self.eos_ids, self.policy.device)
 
     def sync(self, model) -> None:
-        """Copy the policy's current weights into the engine (after each optimizer step)."""
+        """Copy the policy's current weights into the engine; the trainer calls this after each
+        step's updates, before the next rollout."""
         weights = list(model.state_dict().items())
         self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
         self.llm.reset_prefix_cache()
