@@ -6,13 +6,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import ops, reference
-from .config import LossConfig
 from .output import LensOutput
 from .validation import (
-    _choice, _eager, _float_tensor, _number, check_backend, check_groups, check_inplace, check_logits, check_mask,
-    check_rewards, check_targets, check_temperature, validate,
+    _eager, _float_tensor, check_backend, check_groups, check_inplace, check_logits, check_mask,
+    check_options, check_rewards, check_targets, check_temperature, validate,
 )
-from .config import MODES
 
 
 def _check_finite(logp: torch.Tensor, mask: torch.Tensor) -> None:
@@ -62,7 +60,8 @@ def fused_lens_loss(
     ``"cuda"``.  No ``[B, T, V]`` fp32 buffer is ever made; the backward writes one gradient
     of the logits' shape and dtype, or none with ``inplace_backward=True`` (the gradient then
     overwrites the logits' storage: use it only when nothing else reads the logits after the
-    loss).  ``check_finite`` raises ``ValueError`` when non-finite logits reach a masked
+    loss; it saves the buffer when the logits are an intermediate, e.g. ``lm_head`` output,
+    while a leaf tensor's ``.grad`` is a copy made by autograd).  ``check_finite`` raises ``ValueError`` when non-finite logits reach a masked
     position (one host sync; skipped under ``torch.compile``).
 
     Returns a :class:`LensOutput`: ``loss`` (0-dim, differentiable), ``logprobs [B, T]``,
@@ -98,8 +97,9 @@ def token_logprobs(
 ) -> torch.Tensor:
     """Per-token log-probs ``log softmax(logits / temperature)[target]``.
 
-    ``logits [B, T, V]`` (any strides), ``target_ids [B, T]`` int64 -> ``[B, T]`` fp32,
-    differentiable in ``logits``; no ``[B, T, V]`` fp32 buffer is made.
+    ``logits [B, T, V]`` (any strides), ``target_ids [B, T]`` int64 -> ``[B, T]`` fp32
+    (float64 for float64 logits, torch backend), differentiable in ``logits``; no
+    ``[B, T, V]`` fp32 buffer is made.
     """
     check_logits(logits)
     check_targets(target_ids, logits)
@@ -138,21 +138,17 @@ def lens_advantages(
     compute the surrogate themselves; runs the reference formulas in float64 on the inputs'
     device and returns fp32.
     """
-    if not isinstance(old_logprobs, torch.Tensor) or old_logprobs.dim() != 2:
-        raise ValueError("old_logprobs: expected a [B, T] floating-point tensor")
+    if not isinstance(old_logprobs, torch.Tensor):
+        raise TypeError(f"old_logprobs: expected a [B, T] floating-point tensor, got {type(old_logprobs).__name__}")
+    if old_logprobs.dim() != 2:
+        raise ValueError(f"old_logprobs: expected shape [B, T], got {list(old_logprobs.shape)}")
     batch, _ = old_logprobs.shape
     device = old_logprobs.device
     _float_tensor("old_logprobs", old_logprobs, tuple(old_logprobs.shape), device)
     check_mask(completion_mask, tuple(old_logprobs.shape), device)
     check_rewards(rewards, batch, device)
     groups = check_groups(group_size, group_index, batch, device)
-    cfg = LossConfig(
-        mode=_choice("mode", mode, MODES),
-        alpha=_number("alpha", alpha, 0.0),
-        scale_by_std=bool(scale_by_std),
-        std_eps=_number("std_eps", std_eps, 0.0),
-        length_gamma=None if length_gamma is None else _number("length_gamma", length_gamma, 0.0, 1.0, open_low=True),
-    )
+    cfg = check_options(mode, alpha, scale_by_std, std_eps, length_gamma)
     cal = reference.calibrate(old_logprobs.double(), completion_mask, rewards.double(), groups, cfg)
     return LensAdvantages(
         cal.advantages.float(), cal.calibrated_rewards.float(), cal.confidence.float(),

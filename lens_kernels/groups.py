@@ -1,7 +1,7 @@
 """Group layout: which rows answer the same prompt, in the forms the backends need."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -11,8 +11,6 @@ class GroupLayout(NamedTuple):
 
     ``group_id[b]`` is row ``b``'s group; ``order`` lists the rows sorted by group (stable),
     group ``g`` owning ``order[start[g] : start[g] + size[g]]``; ``max_size`` bounds ``size``.
-    ``contiguous_size`` is ``G`` when the groups are the contiguous runs of ``group_size``
-    rows (then ``order`` is the identity), else None.
     """
 
     group_id: torch.Tensor  # [B] int64
@@ -21,7 +19,6 @@ class GroupLayout(NamedTuple):
     size: torch.Tensor  # [num_groups] int64
     num_groups: int
     max_size: int
-    contiguous_size: Optional[int]
 
 
 def contiguous_groups(batch: int, group_size: int, device: torch.device) -> GroupLayout:
@@ -30,7 +27,7 @@ def contiguous_groups(batch: int, group_size: int, device: torch.device) -> Grou
     rows = torch.arange(batch, device=device, dtype=torch.int64)
     starts = torch.arange(num_groups, device=device, dtype=torch.int64) * group_size
     sizes = torch.full((num_groups,), group_size, device=device, dtype=torch.int64)
-    return GroupLayout(rows // group_size, rows, starts, sizes, num_groups, group_size, group_size)
+    return GroupLayout(rows // group_size, rows, starts, sizes, num_groups, group_size)
 
 
 def indexed_groups(group_index: torch.Tensor) -> GroupLayout:
@@ -40,5 +37,5 @@ def indexed_groups(group_index: torch.Tensor) -> GroupLayout:
     order = torch.sort(group_id, stable=True).indices
     starts = torch.cumsum(sizes, 0) - sizes
     return GroupLayout(
-        group_id, order, starts, sizes, int(labels.numel()), int(sizes.max().item()), None
+        group_id, order, starts, sizes, int(labels.numel()), int(sizes.max().item())
     )

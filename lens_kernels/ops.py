@@ -98,12 +98,12 @@ def token_logprobs(
 def _epilogue_fwd(
     logp: Tensor, old: Tensor, mask: Tensor, rewards: Tensor, ref: Optional[Tensor],
     group_id: Tensor, order: Tensor, start: Tensor, size: Tensor,
-    num_groups: int, max_size: int, contiguous_size: int,
+    num_groups: int, max_size: int,
     mode: str, alpha: float, eps_low: float, eps_high: float, clip_ratio_c: Optional[float],
     beta: float, loss_agg_mode: str, scale_by_std: bool, std_eps: float,
     length_gamma: Optional[float], backend: str,
 ) -> list[Tensor]:
-    groups = GroupLayout(group_id, order, start, size, num_groups, max_size, contiguous_size or None)
+    groups = GroupLayout(group_id, order, start, size, num_groups, max_size)
     cfg = LossConfig(mode, alpha, eps_low, eps_high, clip_ratio_c, beta, loss_agg_mode,
                      scale_by_std, std_eps, length_gamma)
     result = backends.get(backend).epilogue_forward(logp, old, mask, rewards, groups, ref, cfg)
@@ -126,7 +126,7 @@ def _epilogue_setup(ctx, inputs, output):
 def _epilogue_backward(ctx, grads):
     (dlogp,) = ctx.saved_tensors
     grad_logp = grads[0] * dlogp
-    return (grad_logp,) + (None,) * 22
+    return (grad_logp,) + (None,) * 21
 
 
 _epilogue_fwd.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
@@ -145,7 +145,7 @@ def epilogue(
         return torch_backend.epilogue(logp, old, mask, rewards, groups, ref, cfg)
     outputs = _epilogue_fwd(
         logp, old, mask, rewards, ref, groups.group_id, groups.order, groups.start, groups.size,
-        groups.num_groups, groups.max_size, groups.contiguous_size or 0,
+        groups.num_groups, groups.max_size,
         cfg.mode, cfg.alpha, cfg.eps_low, cfg.eps_high, cfg.clip_ratio_c, cfg.beta,
         cfg.loss_agg_mode, cfg.scale_by_std, cfg.std_eps, cfg.length_gamma, backend,
     )

@@ -188,7 +188,6 @@ class Calibration(NamedTuple):
     """Steps 3-7 for one batch (computed from detached ``old`` log-probs)."""
 
     confidence: torch.Tensor  # [B] pibar
-    lengths: torch.Tensor  # [B] n
     difficulty: torch.Tensor  # [num_groups] D
     negative: torch.Tensor  # [num_groups] bool
     advantages: torch.Tensor  # [B]
@@ -205,7 +204,7 @@ def calibrate(
     difficulty = group_difficulty(pibar, rewards, groups)
     rt = calibrated_rewards(pibar, n, rewards, difficulty, groups, cfg.length_gamma)
     adv, used = advantages(rewards, rt, groups, cfg)
-    return Calibration(pibar, n, difficulty, negative_groups(rewards, groups), adv, used)
+    return Calibration(pibar, difficulty, negative_groups(rewards, groups), adv, used)
 
 
 def epilogue(
@@ -227,7 +226,10 @@ def epilogue(
     # there get an exactly zero gradient (a where after exp() would pass 0 * inf = NaN back).
     live = mask.bool()
     keep = lambda t: None if t is None else torch.where(live, t, 0)  # noqa: E731
-    per_token, clipped, k3 = token_objective(keep(logp), keep(old.detach()), cal.advantages, cfg, keep(ref))
+    per_token, clipped, k3 = token_objective(
+        keep(logp), keep(old.detach()), cal.advantages, cfg,
+        None if ref is None else keep(ref.detach()),
+    )
     dtype = cal.confidence.dtype
     return EpilogueResult(
         loss=aggregate(per_token, mask, cfg.loss_agg_mode),
@@ -263,12 +265,13 @@ def fused_lens_loss(
     std_eps: float = 1e-6,
     length_gamma: Optional[float] = None,
     backend: str = "auto",
+    inplace_backward: bool = False,
+    check_finite: bool = True,
     compute_dtype: torch.dtype = torch.float64,
-    **_ignored,
 ):
     """The whole loss in plain PyTorch, same signature as :func:`lens_kernels.fused_lens_loss`.
 
-    ``backend`` and the fused function's extra options are accepted and ignored, so the two
+    ``backend``, ``inplace_backward`` and ``check_finite`` are accepted and ignored, so the two
     are drop-in replacements; ``compute_dtype`` (default float64) is the precision of every
     step, which is how tests measure PyTorch's own error in bf16/fp16.  Arguments are checked
     exactly as in the fused function.

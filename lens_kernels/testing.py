@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .reference import token_logprobs
+
 
 def group_rewards(num_groups: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
     """Binary rewards ``[num_groups * group_size]`` cycling through group types: negative,
@@ -63,7 +65,7 @@ def make_problem(
     mask[:empty_rows] = False
     if rewards is None:
         rewards = group_rewards(batch // group_size, group_size, gen)
-    logp = torch.log_softmax(logits.double() / temperature, -1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+    logp = token_logprobs(logits, target_ids, temperature)
     kwargs = dict(
         logits=logits,
         target_ids=target_ids,

@@ -79,8 +79,12 @@ def check_logits(logits) -> torch.Tensor:
 
 
 def check_backend(backend, logits: torch.Tensor) -> str:
-    """``backend``: a known name, available for the logits' device (and float64 -> torch)."""
-    backend = backends.resolve(_choice("backend", backend, backends.BACKENDS), logits.device)
+    """``backend``: a known name, available for the logits' device (float64 logits: torch,
+    which ``"auto"`` then picks on any device)."""
+    backend = _choice("backend", backend, backends.BACKENDS)
+    if backend == "auto" and logits.dtype == torch.float64:
+        return "torch"
+    backend = backends.resolve(backend, logits.device)
     if logits.dtype not in LOGITS_DTYPES and backend != "torch":
         raise TypeError(f"logits: float64 is supported by backend='torch' only, got backend={backend!r}")
     return backend
@@ -161,6 +165,20 @@ def check_groups(group_size, group_index, batch: int, device: torch.device) -> G
     return groups
 
 
+def check_options(mode, alpha, scale_by_std, std_eps, length_gamma, **surrogate) -> LossConfig:
+    """The advantage options (SPEC steps 5-7, 10) into a :class:`LossConfig`; ``surrogate``
+    holds the already-checked options of steps 8-9.  ``std_eps`` must be > 0: an all-correct
+    group has std 0, and ``0 / (0 + 0)`` would make its advantages NaN."""
+    return LossConfig(
+        mode=_choice("mode", mode, MODES),
+        alpha=_number("alpha", alpha, 0.0),
+        scale_by_std=bool(scale_by_std),
+        std_eps=_number("std_eps", std_eps, 0.0, open_low=True),
+        length_gamma=None if length_gamma is None else _number("length_gamma", length_gamma, 0.0, 1.0, open_low=True),
+        **surrogate,
+    )
+
+
 def validate(
     logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs,
     ref_logprobs, beta, mode, alpha, eps_low, eps_high, clip_ratio_c, temperature,
@@ -180,17 +198,13 @@ def validate(
     beta = _number("beta", beta, 0.0)
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta: a KL penalty (beta > 0) needs ref_logprobs")
-    cfg = LossConfig(
-        mode=_choice("mode", mode, MODES),
-        alpha=_number("alpha", alpha, 0.0),
+    cfg = check_options(
+        mode, alpha, scale_by_std, std_eps, length_gamma,
         eps_low=_number("eps_low", eps_low, 0.0, 1.0),
         eps_high=_number("eps_high", eps_high, 0.0),
         clip_ratio_c=None if clip_ratio_c is None else _number("clip_ratio_c", clip_ratio_c, 1.0, open_low=True),
         beta=beta,
         loss_agg_mode=_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES),
-        scale_by_std=bool(scale_by_std),
-        std_eps=_number("std_eps", std_eps, 0.0),
-        length_gamma=None if length_gamma is None else _number("length_gamma", length_gamma, 0.0, 1.0, open_low=True),
     )
     check_temperature(temperature)
     return Checked(groups, cfg, check_backend(backend, logits))

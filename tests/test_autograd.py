@@ -42,17 +42,18 @@ def test_gradcheck_token_logprobs():
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_training_step_compiles_with_fullgraph(compiler):
+@pytest.mark.parametrize("backend", ["auto"] + runnable_backends())
+def test_training_step_compiles_with_fullgraph(backend, compiler):
     """The loss of a step calling fused_lens_loss compiles without graph breaks (forward and
     AOT-traced backward) and matches eager."""
     torch._dynamo.reset()
-    problem = make_problem(batch=4, length=6, vocab=50, group_size=2, off_policy=0.3)
-    hidden = torch.randn(4, 6, 16)
-    head = torch.nn.Linear(16, 50)
+    problem = make_problem(batch=4, length=6, vocab=50, group_size=2, off_policy=0.3, device=DEVICE)
+    hidden = torch.randn(4, 6, 16, device=DEVICE)
+    head = torch.nn.Linear(16, 50).to(DEVICE)
     logits_args = {k: v for k, v in problem.items() if k != "logits"}
 
     def step(h):
-        out = lk.fused_lens_loss(head(h), **logits_args, backend="torch")
+        out = lk.fused_lens_loss(head(h), **logits_args, backend=backend)
         return out.loss, out.advantages, out.clip_fraction
 
     def run(fn):

@@ -52,6 +52,7 @@ BAD = {
     "beta-without-ref": (dict(beta=0.1), ValueError, "beta"),
     "beta-negative": (dict(beta=-0.1), ValueError, "beta"),
     "std-eps-negative": (dict(std_eps=-1.0), ValueError, "std_eps"),
+    "std-eps-zero": (dict(std_eps=0.0), ValueError, "std_eps"),
     "length-gamma-1": (dict(length_gamma=1.0), ValueError, "length_gamma"),
     "length-gamma-0": (dict(length_gamma=0.0), ValueError, "length_gamma"),
 }

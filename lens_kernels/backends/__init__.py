@@ -57,15 +57,23 @@ def is_available(name: str, device: torch.device | None = None) -> bool:
     return module.is_available(device)
 
 
+@torch.compiler.assume_constant_result
+def _resolve(name: str, device_type: str, device_index: int) -> str:
+    """``resolve`` on plain values, evaluated once and kept as a constant by
+    ``torch.compile`` (it imports modules, which Dynamo does not trace); "" = unavailable."""
+    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
+    if name == "auto":
+        return "triton" if device_type == "cuda" and is_available("triton", device) else "torch"
+    return name if is_available(name, device) else ""
+
+
 def resolve(name: str, device: torch.device) -> str:
     """Turn ``"auto"`` into a concrete backend for ``device``; check an explicit choice."""
-    if name == "auto":
-        if device.type == "cuda" and is_available("triton", device):
-            return "triton"
-        return "torch"
-    if not is_available(name, device):
+    index = -1 if device.index is None else device.index
+    resolved = _resolve(name, device.type, index)
+    if not resolved:
         raise ValueError(
             f"backend: {name!r} is not available for tensors on {device} "
             f"(available here: {[b for b in _MODULES if is_available(b, device)]})"
         )
-    return name
+    return resolved

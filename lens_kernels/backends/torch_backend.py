@@ -28,6 +28,8 @@ def _chunks(batch: int, length: int, vocab: int) -> Iterator[tuple[slice, slice]
     """Rectangles ``(rows of B, positions of T)`` of at most ``CHUNK_BYTES / (12 V)`` rows,
     so that strided logits (e.g. ``logits[:, :-1]``) are sliced, never copied whole."""
     rows = max(1, CHUNK_BYTES // (12 * vocab))
+    if batch == 0 or length == 0:
+        return
     if rows >= length:
         step = rows // length
         for b in range(0, batch, step):

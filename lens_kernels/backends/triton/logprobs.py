@@ -64,7 +64,10 @@ def _logprobs_fwd_kernel(
     lse = m + tl.log(s)
 
     target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
-    z_target = tl.load(row_ptr + target * stride_v).to(tl.float32) * inv_t
+    # Ids are range-checked in eager mode only (not under torch.compile): an id outside
+    # [0, V), such as a -100 label at a masked position, reads nothing and gives NaN.
+    valid = (target >= 0) & (target < V)
+    z_target = tl.load(row_ptr + target * stride_v, mask=valid, other=float("nan")).to(tl.float32) * inv_t
     tl.store(logp_ptr + row, z_target - lse)
     tl.store(lse_ptr + row, lse)
 

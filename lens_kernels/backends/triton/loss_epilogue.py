@@ -25,9 +25,11 @@ positions are selected away with ``where`` (garbage or NaN there cannot leak), a
 count in a denominator is clamped to at least 1, so empty rows or an empty batch give 0.
 
 Specialisation: ``T`` is the row stride of every ``[B, T]`` input, so it keeps Triton's
-default integer specialisation (``T == 1``, ``T % 16 == 0``, other: at most three variants,
-never one per length), which is what allows 128-bit loads when ``T`` is a multiple of 16;
-``B`` is only a grid size and ``chunks_per_row`` is ``do_not_specialize``.
+default integer specialisation (``T == 1``, ``T % 16 == 0``, other), which is what allows
+128-bit loads when ``T`` is a multiple of 16; ``B`` is only a grid size and ``chunks_per_row``
+is ``do_not_specialize``.  ``BLOCK_T`` is ``next_power_of_2(T)`` up to a cap and ``BLOCK_G``
+``next_power_of_2(max group size)``: the epilogue kernels compile once per power-of-two bucket
+of those (a dozen variants at most over all lengths up to the cap), never once per length.
 """
 from __future__ import annotations
 
