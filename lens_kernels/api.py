@@ -9,7 +9,7 @@ from . import ops, reference
 from .output import LensOutput
 from .validation import (
     _eager, _float_tensor, check_backend, check_groups, check_inplace, check_logits, check_mask,
-    check_options, check_rewards, check_targets, check_temperature, validate,
+    check_options, check_rewards, check_targets, check_temperature, validate, ValueChecks,
 )
 
 
@@ -102,10 +102,12 @@ def token_logprobs(
     ``[B, T, V]`` fp32 buffer is made.
     """
     check_logits(logits)
-    check_targets(target_ids, logits)
+    checks = ValueChecks()
+    check_targets(target_ids, logits, checks)
     check_temperature(temperature)
     backend = check_backend(backend, logits)
     check_inplace(inplace_backward, logits)
+    checks.settle()
     return ops.token_logprobs(logits, target_ids, temperature, backend, inplace_backward)
 
 
@@ -145,10 +147,12 @@ def lens_advantages(
     batch, _ = old_logprobs.shape
     device = old_logprobs.device
     _float_tensor("old_logprobs", old_logprobs, tuple(old_logprobs.shape), device)
-    check_mask(completion_mask, tuple(old_logprobs.shape), device)
-    check_rewards(rewards, batch, device)
-    groups = check_groups(group_size, group_index, batch, device)
+    checks = ValueChecks()
+    check_mask(completion_mask, tuple(old_logprobs.shape), device, checks)
+    check_rewards(rewards, batch, device, checks)
+    groups = check_groups(group_size, group_index, batch, device, checks)
     cfg = check_options(mode, alpha, scale_by_std, std_eps, length_gamma)
+    checks.settle()
     cal = reference.calibrate(old_logprobs.double(), completion_mask, rewards.double(), groups, cfg)
     return LensAdvantages(
         cal.advantages.float(), cal.calibrated_rewards.float(), cal.confidence.float(),

@@ -33,6 +33,31 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+class ValueChecks:
+    """Checks that read tensor values, gathered so that one host sync settles them all.
+
+    ``add(bad, message)`` records a 0-dim bool tensor (True = invalid) and the error text (or
+    a callable making it, run only on failure); ``settle()`` raises ``ValueError`` for the
+    first invalid one.  Nothing is recorded while ``torch.compile`` traces.
+    """
+
+    def __init__(self) -> None:
+        self._items: list = []
+
+    def add(self, bad: torch.Tensor, message) -> None:
+        if _eager():
+            self._items.append((bad, message))
+
+    def settle(self) -> None:
+        if not self._items:
+            return
+        flags = torch.stack([bad for bad, _ in self._items]).tolist()
+        for flag, (_, message) in zip(flags, self._items):
+            if flag:
+                raise ValueError(message() if callable(message) else message)
+        self._items.clear()
+
+
 def _tensor(name: str, value, shape: tuple, device: torch.device) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {list(shape)}, got {type(value).__name__}")
@@ -108,15 +133,17 @@ def check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
     return True
 
 
-def check_targets(target_ids, logits: torch.Tensor) -> torch.Tensor:
+def check_targets(target_ids, logits: torch.Tensor, checks: ValueChecks) -> torch.Tensor:
     """``target_ids``: int64 ``[B, T]`` with ``0 <= id < V``."""
     batch, length, vocab = logits.shape
     _tensor("target_ids", target_ids, (batch, length), logits.device)
     if target_ids.dtype != torch.int64:
         raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
-    if _eager() and target_ids.numel() and bool(((target_ids < 0) | (target_ids >= vocab)).any()):
-        bad = target_ids[(target_ids < 0) | (target_ids >= vocab)][0].item()
-        raise ValueError(f"target_ids: expected ids in [0, {vocab}) (V = logits.shape[-1]), found {bad}")
+    outside = (target_ids < 0) | (target_ids >= vocab)
+    checks.add(
+        outside.any(),
+        lambda: f"target_ids: expected ids in [0, {vocab}) (V = logits.shape[-1]), found {target_ids[outside][0].item()}",
+    )
     return target_ids
 
 
@@ -124,26 +151,30 @@ def check_temperature(temperature) -> float:
     return _number("temperature", temperature, 0.0, open_low=True)
 
 
-def check_mask(completion_mask, shape: tuple, device: torch.device) -> torch.Tensor:
+def check_mask(completion_mask, shape: tuple, device: torch.device, checks: ValueChecks) -> torch.Tensor:
     """``completion_mask``: ``[B, T]`` bool, or numbers that are all 0 or 1."""
     _tensor("completion_mask", completion_mask, shape, device)
     if completion_mask.dtype != torch.bool:
         if completion_mask.is_complex():
             raise TypeError(f"completion_mask: expected bool or 0/1 numbers, got {completion_mask.dtype}")
-        if _eager() and bool(((completion_mask != 0) & (completion_mask != 1)).any()):
-            raise ValueError("completion_mask: expected bool or values in {0, 1}, found other values")
+        checks.add(
+            ((completion_mask != 0) & (completion_mask != 1)).any(),
+            "completion_mask: expected bool or values in {0, 1}, found other values",
+        )
     return completion_mask
 
 
-def check_rewards(rewards, batch: int, device: torch.device) -> torch.Tensor:
+def check_rewards(rewards, batch: int, device: torch.device, checks: ValueChecks) -> torch.Tensor:
     """``rewards``: float ``[B]`` in ``[0, 1]``, no NaN."""
     _float_tensor("rewards", rewards, (batch,), device)
-    if _eager() and not bool(((rewards >= 0) & (rewards <= 1)).all()):
-        raise ValueError("rewards: expected values in [0, 1] (binary or fractional), found values outside or NaN")
+    checks.add(
+        ~((rewards >= 0) & (rewards <= 1)).all(),
+        "rewards: expected values in [0, 1] (binary or fractional), found values outside or NaN",
+    )
     return rewards
 
 
-def check_groups(group_size, group_index, batch: int, device: torch.device) -> GroupLayout:
+def check_groups(group_size, group_index, batch: int, device: torch.device, checks: ValueChecks) -> GroupLayout:
     """Exactly one of ``group_size`` (``G >= 2`` dividing ``B``) and ``group_index`` (int64
     ``[B]``, every group at least 2 rows)."""
     if (group_size is None) == (group_index is None):
@@ -160,8 +191,7 @@ def check_groups(group_size, group_index, batch: int, device: torch.device) -> G
     if group_index.dtype != torch.int64:
         raise TypeError(f"group_index: expected dtype int64, got {group_index.dtype}")
     groups = indexed_groups(group_index)
-    if _eager() and groups.num_groups and int(groups.size.min()) < 2:
-        raise ValueError("group_index: every group needs at least 2 rows, found a group of size 1")
+    checks.add((groups.size < 2).any(), "group_index: every group needs at least 2 rows, found a group of size 1")
     return groups
 
 
@@ -188,10 +218,11 @@ def validate(
     check_logits(logits)
     batch, length, _ = logits.shape
     device = logits.device
-    check_targets(target_ids, logits)
-    check_mask(completion_mask, (batch, length), device)
-    check_rewards(rewards, batch, device)
-    groups = check_groups(group_size, group_index, batch, device)
+    checks = ValueChecks()
+    check_targets(target_ids, logits, checks)
+    check_mask(completion_mask, (batch, length), device, checks)
+    check_rewards(rewards, batch, device, checks)
+    groups = check_groups(group_size, group_index, batch, device, checks)
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if value is not None:
             _float_tensor(name, value, (batch, length), device)
@@ -207,4 +238,6 @@ def validate(
         loss_agg_mode=_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES),
     )
     check_temperature(temperature)
-    return Checked(groups, cfg, check_backend(backend, logits))
+    backend = check_backend(backend, logits)
+    checks.settle()
+    return Checked(groups, cfg, backend)
