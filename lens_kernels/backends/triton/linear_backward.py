@@ -1,0 +1,118 @@
+"""Fused-linear backward in Triton: ``dh``, ``dW`` and ``dbias`` from the saved logsumexp,
+with the logits recomputed tile by tile and never held whole.
+
+With ``z = (h @ W.T + b) * inv_t``, ``p = exp(z - lse)`` and ``g = d loss / d logp`` per row,
+``dZ = g * inv_t * (onehot(target) - p)`` is the gradient of the loss with respect to
+``h @ W.T + b``; then ``dh = dZ @ W``, ``dW = dZ.T @ h`` and ``dbias = dZ.sum(0)``.
+
+The vocabulary is walked in chunks of ``width`` columns (``width * N`` elements of scratch in
+the inputs' dtype, at most ``SCRATCH_BYTES``).  Per chunk, three launches:
+
+1. ``_dz_kernel`` (this file), grid over ``[BLOCK_N, BLOCK_V]`` tiles of the chunk: recomputes
+   the logit tile (``linear_tile.logits_tile``), forms ``dZ`` in registers in fp32 and stores
+   it rounded to the inputs' dtype (as PyTorch's own gradient of bf16 logits is);
+   tiles whose rows all have ``g == 0`` (masked positions, zero-advantage rows, clipped tokens)
+   skip the GEMM and store zeros;
+2. ``linear_grad_gemm.accumulate_dh``: ``dh_acc (fp32) += dZ @ W[chunk]``;
+3. ``linear_grad_gemm.write_dw``: ``dW[chunk] = dZ.T @ h`` reduced over all ``N`` in fp32 and
+   written once, with ``dbias[chunk]``.
+
+GEMMs: one in the forward, three here (four in all, ``8 N V d`` FLOPs with every row live).
+No atomics, no locks: every output element has one writer per launch and launches run in a
+fixed order, so results are bitwise reproducible.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_grad_gemm import accumulate_dh, live_row_blocks, write_dw
+from .linear_tile import blocks_for, grouped, logits_tile
+
+# Bound on the dZ scratch of one vocabulary chunk.
+SCRATCH_BYTES = 512 * 2**20
+
+
+@triton.jit
+def _dz_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, g_ptr, lse_ptr, dz_ptr,
+    N, V, D, col0, width,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_dz,
+    inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile_v, tile_n = grouped(tl.program_id(0), tl.cdiv(width, BLOCK_V), tl.cdiv(N, BLOCK_N), GROUP)
+    rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    local = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = local < width
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if tl.sum((g != 0).to(tl.int32), axis=0) > 0:
+        cols = col0 + local
+        z = logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok & (cols < V), D,
+            stride_hn, stride_hd, stride_wv, stride_wd, inv_t,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION,
+        )
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        target = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+        onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+        grad = (g * inv_t)[:, None] * (onehot - tl.exp(z - lse[:, None]))
+        # Rows with g == 0 stay exactly 0, even where their logits are not finite.
+        dz = tl.where((g != 0)[:, None], grad, 0.0)
+    out = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def chunk_width(rows: int, vocab: int, element_size: int, block_v: int) -> int:
+    """Columns per vocabulary chunk: a multiple of ``block_v``, at most ``SCRATCH_BYTES`` of
+    ``[rows, width]`` scratch, at least one tile, at most the whole (rounded-up) vocabulary."""
+    fit = SCRATCH_BYTES // max(1, rows * element_size) // block_v * block_v
+    return max(block_v, min(fit, triton.cdiv(vocab, block_v) * block_v))
+
+
+def linear_logprobs_backward(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target_ids: torch.Tensor,
+    lse: torch.Tensor,
+    inv_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(dh [N, d], dW [V, d], dbias [V] or None)`` in the inputs' dtypes, all contiguous.
+
+    ``grad_logp [N]`` fp32 contiguous, ``lse [N]`` fp32 from :func:`linear_logprobs_forward`,
+    the other arguments as given to it.
+    """
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    blk = blocks_for(hidden.dtype, device)
+    acc = torch.zeros((rows, dim), device=device, dtype=torch.float32)
+    dw = torch.empty((vocab, dim), device=device, dtype=weight.dtype)
+    dbias = None if bias is None else torch.empty(vocab, device=device, dtype=bias.dtype)
+    width = chunk_width(rows, vocab, hidden.element_size(), blk.v)
+    dz = torch.empty((rows, width), device=device, dtype=hidden.dtype)
+    live = live_row_blocks(grad_logp, blk.k)
+    for col0 in range(0, vocab, width):
+        cols = min(width, vocab - col0)
+        if rows:
+            _dz_kernel[(triton.cdiv(rows, blk.n) * triton.cdiv(cols, blk.v),)](
+                hidden, weight, weight if bias is None else bias, target_ids, grad_logp, lse, dz,
+                rows, vocab, dim, col0, cols,
+                *hidden.stride(), *weight.stride(), dz.stride(0),
+                float(inv_temperature),
+                HAS_BIAS=bias is not None, BLOCK_N=blk.n, BLOCK_V=blk.v, BLOCK_K=blk.k,
+                GROUP=blk.group, PRECISION=blk.precision,
+                num_warps=blk.num_warps, num_stages=blk.num_stages,
+            )
+            accumulate_dh(dz, weight, grad_logp, acc, col0, cols, blk)
+        write_dw(dz, hidden, live, dw[col0:col0 + cols], None if dbias is None else dbias[col0:col0 + cols],
+                 cols, blk)
+    return acc.to(hidden.dtype), dw, dbias

@@ -1,0 +1,128 @@
+"""Fused-linear forward in Triton: token log-probs from ``hidden`` and the output weight,
+without the ``[N, V]`` logits.
+
+Two kernels:
+
+1. ``_partials_kernel``, grid ``cdiv(N, BLOCK_N) * splits`` where a split is
+   ``tiles_per_split`` consecutive vocabulary tiles of ``BLOCK_V`` columns.  A program computes
+   its logit tiles (``linear_tile.logits_tile``: a ``tl.dot`` loop over ``d``, fp32
+   accumulation), keeps an online max ``m`` and rescaled sum-exp ``s`` per row, and picks the
+   target logit out of the tile that holds it (0 elsewhere).  It writes one partial
+   ``(m, s, z_target)`` per (split, row): ``3 * splits * N`` fp32 values in all.
+2. ``_merge_kernel``, grid ``cdiv(N, BLOCK)``: for each row, walks the splits in order,
+   ``lse = M + log(sum_k s_k exp(m_k - M))`` with ``M = max_k m_k``, and reads the target logit
+   from the split ``target // split_cols`` only.  A fixed order, no atomics: bitwise
+   deterministic.
+
+Ids outside ``[0, V)`` (a -100 label at a masked position) give ``logp = NaN`` and touch no
+memory out of range, as in the logits path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_tile import blocks_for, grouped, logits_tile
+
+_MERGE_BLOCK = 256
+
+
+@triton.jit
+def _partials_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, zt_ptr,
+    N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    inv_t, splits, tiles_per_split,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    split, tile_n = grouped(tl.program_id(0), splits, tl.cdiv(N, BLOCK_N), GROUP)
+    rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    target = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    z_target = tl.zeros((BLOCK_N,), tl.float32)
+    for tile in range(0, tiles_per_split):
+        cols = (split * tiles_per_split + tile) * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        z = logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
+            stride_hn, stride_hd, stride_wv, stride_wd, inv_t,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION,
+        )
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # A tile of only -inf (past V) with nothing finite before it must not give -inf - -inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+        m = m_new
+        z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+    out = split.to(tl.int64) * N + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(zt_ptr + out, z_target, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    m_ptr, s_ptr, zt_ptr, tgt_ptr, logp_ptr, lse_ptr,
+    N, V, splits, split_cols,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for k in range(0, splits):
+        top = tl.maximum(top, tl.load(m_ptr + k * N + rows, mask=row_ok, other=float("-inf")))
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros((BLOCK,), tl.float32)
+    for k in range(0, splits):
+        m = tl.load(m_ptr + k * N + rows, mask=row_ok, other=float("-inf"))
+        total += tl.load(s_ptr + k * N + rows, mask=row_ok, other=0.0) * tl.exp(m - shift)
+    lse = top + tl.log(tl.where(row_ok, total, 1.0))
+    target = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    valid = (target >= 0) & (target < V) & row_ok
+    owner = tl.where(valid, target // split_cols, 0)
+    z_target = tl.load(zt_ptr + owner * N + rows, mask=valid, other=float("nan"))
+    tl.store(logp_ptr + rows, z_target - lse, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target_ids: torch.Tensor,
+    inv_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, lse)``, both ``[N]`` fp32, for ``z = (hidden @ weight.T + bias) * inv_temperature``.
+
+    ``hidden [N, d]`` and ``weight [V, d]`` (same dtype: fp32, bf16 or fp16; any strides),
+    ``bias [V]`` or None, ``target_ids [N]`` int64 contiguous.
+    """
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    if rows == 0:
+        return logp, lse
+    blk = blocks_for(hidden.dtype, hidden.device)
+    splits = triton.cdiv(vocab, blk.split_cols)
+    m, s, z_target = torch.empty((3, splits, rows), device=hidden.device, dtype=torch.float32).unbind(0)
+    grid = (splits * triton.cdiv(rows, blk.n),)
+    _partials_kernel[grid](
+        hidden, weight, weight if bias is None else bias, target_ids, m, s, z_target,
+        rows, vocab, dim,
+        *hidden.stride(), *weight.stride(),
+        float(inv_temperature), splits, blk.tiles_per_split,
+        HAS_BIAS=bias is not None, BLOCK_N=blk.n, BLOCK_V=blk.v, BLOCK_K=blk.k,
+        GROUP=blk.group, PRECISION=blk.precision,
+        num_warps=blk.num_warps, num_stages=blk.num_stages,
+    )
+    _merge_kernel[(triton.cdiv(rows, _MERGE_BLOCK),)](
+        m, s, z_target, target_ids, logp, lse, rows, vocab, splits, blk.split_cols, BLOCK=_MERGE_BLOCK,
+    )
+    return logp, lse
