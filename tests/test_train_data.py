@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import re
 from math import comb
 
 import pytest
@@ -44,14 +46,75 @@ def test_load_jsonl_forms(tmp_path):
     ]
 
 
+GOOD = json.dumps({"problem": "1+1?", "answer": "2"}).encode()
+
+
 @pytest.mark.parametrize(
-    "row,match",
-    [({"answer": "2"}, "missing 'problem'"), ({"problem": "p", "solution": "no box"}, "answer")],
+    "line,reason",
+    [
+        (b'{"problem": "p", "answer": "1"', r"bad JSON at column \d+"),
+        (b'{"problem": "caf\xe9", "answer": "1"}', "invalid UTF-8 at byte 17 of the line"),
+        (b'["p", "1"]', "expected a JSON object, got a list"),
+        (b'"p"', "expected a JSON object, got the string 'p'"),
+        (b"null", "expected a JSON object, got null"),
+        (b'{"answer": "2"}', "'problem': expected a non-empty string, got no 'problem'"),
+        (b'{"problem": null, "answer": "2"}', "'problem': expected a non-empty string, got null"),
+        (b'{"problem": 12, "answer": "2"}', "'problem': expected a non-empty string, got a number"),
+        (b'{"problem": "p", "answer": ["1", "2"]}', "'answer': expected a string or a number, got a list"),
+        (b'{"problem": "p", "answer": true}', "'answer': expected a string or a number, got a boolean"),
+        (b'{"problem": "p", "answer": NaN}', "'answer': expected a string or a number, got a number"),
+        (b'{"problem": "p", "answer": " "}', "'answer': the answer is empty"),
+        (b'{"problem": "p", "solution": "so \\\\boxed{}"}', "'solution': the answer is empty"),
+        (b'{"problem": "p", "solution": "no box"}', r"no 'answer', and the 'solution' has no \\boxed"),
+        (b'{"problem": "p", "solution": 3}', "'solution': expected a string, got a number"),
+        (b'{"problem": "p"}', "needs an 'answer' or a 'solution'"),
+        (b'{"problem": "p", "answer": "1", "level": [4]}', "'level': expected an integer"),
+    ],
+    ids=["torn-json", "latin-1", "list-row", "string-row", "null-row", "no-problem", "null-problem",
+         "number-problem", "list-answer", "bool-answer", "nan-answer", "blank-answer", "empty-box",
+         "no-box", "number-solution", "no-answer", "list-level"],
 )
-def test_load_jsonl_rejects_bad_rows(tmp_path, row, match):
+def test_bad_row_is_named_by_file_and_line(tmp_path, line, reason):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(row) + "\n")
-    with pytest.raises(ValueError, match=match):
+    path.write_bytes(GOOD + b"\n\n" + line + b"\n")  # the bad row is line 3, after a blank line
+    with pytest.raises(ValueError) as err:
+        load_jsonl(str(path))
+    message = str(err.value)
+    assert "1 of 2 rows are bad" in message, message
+    assert re.search(re.escape(f"{path}:3: ") + reason, message), message
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD + b"\n" + GOOD + b"\n")
+    assert load_jsonl(str(path)) == [Problem("1+1?", "2")] * 2
+
+
+def test_a_few_bad_rows_are_skipped_with_a_count(tmp_path, caplog):
+    path = tmp_path / "d.jsonl"
+    lines = [GOOD] * 39 + [b'{"problem": null, "answer": "2"}']  # 1 bad of 40: 2.5%
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="lens_kernels.train"):
+        assert len(load_jsonl(str(path))) == 39
+    assert f"{path}: skipped 1 bad of 40 rows (39 problems loaded)" in caplog.text
+    assert f"{path}:40: 'problem'" in caplog.text
+
+
+def test_too_many_bad_rows_refuse_the_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [GOOD] * 30 + [b"[]"] * 8  # 8 bad of 38: 21%
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match="8 of 38 rows are bad, more than 5%; refusing") as err:
+        load_jsonl(str(path))
+    assert f"{path}:31: expected a JSON object" in str(err.value)
+    assert f"{path}:36:" not in str(err.value) and "... and 3 more" in str(err.value)
+    assert len(load_jsonl(str(path), max_bad_fraction=0.25)) == 30
+
+
+def test_empty_file_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n \n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no problems in 0 rows")):
         load_jsonl(str(path))
 
 
