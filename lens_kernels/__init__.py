@@ -4,7 +4,8 @@
 vocabulary-wide log-softmax; ``reference`` is the same math in plain PyTorch.
 """
 from . import reference
-from .api import LensAdvantages, fused_lens_loss, lens_advantages, token_logprobs
+from .advantages import LensAdvantages, lens_advantages, lens_advantages_from_stats
+from .api import fused_lens_loss, token_logprobs
 from .backends import is_available
 from .output import LensOutput
 
@@ -14,6 +15,7 @@ __all__ = [
     "fused_lens_loss",
     "token_logprobs",
     "lens_advantages",
+    "lens_advantages_from_stats",
     "reference",
     "LensOutput",
     "LensAdvantages",

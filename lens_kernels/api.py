@@ -1,26 +1,18 @@
-"""The public functions: ``fused_lens_loss``, ``token_logprobs`` and ``lens_advantages``."""
+"""The public loss functions: ``fused_lens_loss`` and ``token_logprobs``."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from . import ops, reference
+from . import ops
+from .backends import torch_backend
+from .config import LensOptions
 from .output import LensOutput
-from .validation import (
-    _eager, _float_tensor, check_backend, check_groups, check_inplace, check_logits, check_mask,
-    check_options, check_rewards, check_targets, check_temperature, validate, ValueChecks,
-)
+from .validation import LossInputs, ValueChecks, check_inplace, check_logits, check_backend, check_targets
+from .validation import check_temperature, validate_loss
 
-
-def _check_finite(logp: torch.Tensor, mask: torch.Tensor) -> None:
-    bad = ~torch.isfinite(logp) & mask.bool()
-    if bool(bad.any()):
-        b, t = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"logits: non-finite values make the log-prob non-finite at {int(bad.sum())} masked "
-            f"position(s), first at [b={b}, t={t}]; pass check_finite=False to get a non-finite loss instead"
-        )
+_FINITE_HINT = "; pass check_values=False to get a non-finite loss instead"
 
 
 def fused_lens_loss(
@@ -45,45 +37,81 @@ def fused_lens_loss(
     length_gamma: Optional[float] = None,
     backend: str = "auto",
     inplace_backward: bool = False,
-    check_finite: bool = True,
+    check_values: bool = True,
+    advantages: Optional[torch.Tensor] = None,
 ) -> LensOutput:
     """The LENS (or GRPO) clipped-surrogate loss straight from logits.
 
     Shapes: ``logits [B, T, V]`` (fp32/bf16/fp16, any strides, e.g. ``model_logits[:, :-1]``),
-    ``target_ids [B, T]`` int64 where ``logits[b, t]`` predicts ``target_ids[b, t]``,
-    ``completion_mask [B, T]`` (bool or 0/1), ``rewards [B]`` in ``[0, 1]``; groups are the
-    contiguous runs of ``group_size`` rows or the labels ``group_index [B]`` (exactly one);
-    ``old_logprobs`` / ``ref_logprobs [B, T]`` optional (on-policy when ``old_logprobs`` is
-    None).  The math is SPEC section 1 (``lens_kernels.reference``).
+    ``target_ids [B, T]`` int64 where ``logits[b, t]`` predicts ``target_ids[b, t]`` (any id,
+    e.g. -100, at masked-out positions), ``completion_mask [B, T]`` (bool or 0/1),
+    ``rewards [B]`` in ``[0, 1]``; groups are the contiguous runs of ``group_size`` rows or
+    the labels ``group_index [B]`` (exactly one); ``old_logprobs`` / ``ref_logprobs [B, T]``
+    optional (on-policy when ``old_logprobs`` is None).  The math is SPEC section 1
+    (``lens_kernels.reference``).
+
+    ``advantages [B]``: precomputed advantages (e.g. ``lens_advantages_from_stats`` over a
+    batch gathered across ranks) that replace SPEC steps 3-7; groups are then not needed.
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"``, ``"torch"`` or
-    ``"cuda"``.  No ``[B, T, V]`` fp32 buffer is ever made; the backward writes one gradient
-    of the logits' shape and dtype, or none with ``inplace_backward=True`` (the gradient then
-    overwrites the logits' storage: use it only when nothing else reads the logits after the
-    loss; it saves the buffer when the logits are an intermediate, e.g. ``lm_head`` output,
-    while a leaf tensor's ``.grad`` is a copy made by autograd).  ``check_finite`` raises ``ValueError`` when non-finite logits reach a masked
-    position (one host sync; skipped under ``torch.compile``).
+    ``"cuda"``.  On the GPU backends the loss takes one pass over the logits (the gradient is
+    written during the forward) when the advantages are known before it: ``old_logprobs`` or
+    ``advantages`` given, or ``mode="grpo"``; on-policy LENS takes two.  Masked-out rows are
+    never read there, and their ``logprobs`` are 0.  No ``[B, T, V]`` fp32 buffer is ever
+    made; the gradient is one buffer of the logits' shape and dtype, or none with
+    ``inplace_backward=True`` (it then overwrites the logits' storage, during the forward on
+    the one-pass path: use it only when nothing else reads the logits after the loss).
+
+    ``check_values`` (default True) runs the checks that read tensor values: ids in range at
+    masked positions, rewards in ``[0, 1]``, 0/1 masks, finite old/ref log-probs and
+    advantages, finite log-probs at masked positions (non-finite logits).  They settle in one
+    host sync after the kernels, and raise ``ValueError`` before the call returns.  With
+    ``check_values=False`` the call never syncs (with ``group_size`` or ``advantages``;
+    ``group_index`` needs one sync for its group count), so a forward+backward can be captured
+    in a CUDA graph.  Under ``torch.compile`` the value checks are skipped.
 
     Returns a :class:`LensOutput`: ``loss`` (0-dim, differentiable), ``logprobs [B, T]``,
     ``advantages``, ``calibrated_rewards`` and ``confidence`` ``[B]``, ``difficulty
     [num_groups]``, and the 0-dim metrics ``negative_group_fraction``, ``clip_fraction``,
     ``kl`` (None without ``ref_logprobs``).
     """
-    checked = validate(
-        logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs,
-        ref_logprobs, beta, mode, alpha, eps_low, eps_high, clip_ratio_c, temperature,
-        loss_agg_mode, scale_by_std, std_eps, length_gamma, backend,
+    inputs, options, checks = validate_loss(
+        logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs, ref_logprobs,
+        advantages,
+        dict(beta=beta, mode=mode, alpha=alpha, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
+             temperature=temperature, loss_agg_mode=loss_agg_mode, scale_by_std=scale_by_std, std_eps=std_eps,
+             length_gamma=length_gamma, backend=backend, inplace_backward=inplace_backward,
+             check_values=check_values),
     )
-    check_inplace(inplace_backward, logits)
-    logp = ops.token_logprobs(logits, target_ids, temperature, checked.backend, inplace_backward)
-    work = logp.dtype  # fp32 (float64 for float64 logits on the torch backend)
-    mask = completion_mask.to(work).contiguous()
-    if check_finite and _eager():
-        _check_finite(logp, mask)
-    old = logp.detach() if old_logprobs is None else old_logprobs.to(work).contiguous()
-    ref = None if ref_logprobs is None else ref_logprobs.to(work).contiguous()
-    result = ops.epilogue(
-        logp, old, mask, rewards.to(work).contiguous(), checked.groups, ref, checked.cfg, checked.backend
+    if options.backend == "torch":
+        out = _torch_loss(inputs, options)
+    else:
+        out = LensOutput(**ops.kernel_loss_forward(
+            inputs.logits, inputs.target_ids, _live(inputs.mask), inputs.rewards, inputs.old, inputs.ref,
+            inputs.advantages, inputs.groups, options,
+        ))
+        out.logprobs = out.logprobs.detach()
+    checks.finite("logits", out.logprobs, inputs.mask, _FINITE_HINT)
+    checks.settle()
+    return out
+
+
+def _live(mask: torch.Tensor) -> torch.Tensor:
+    """The completion mask as the kernels read it: uint8 0/1, a view of a bool mask."""
+    return (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
+
+
+def _torch_loss(inputs: LossInputs, options: LensOptions) -> LensOutput:
+    """The torch backend: chunked vocabulary pass, then the reference epilogue (autograd)."""
+    logp = ops.token_logprobs(inputs.logits, inputs.target_ids, options)
+    work = logp.dtype  # fp32 (float64 for float64 logits)
+    device = logp.device
+    old = logp.detach() if inputs.old is None else inputs.old.to(work)
+    groups = None if inputs.groups is None else inputs.groups.tensors(device)
+    result = torch_backend.epilogue(
+        logp, old, inputs.mask, inputs.rewards.to(work), groups,
+        None if inputs.ref is None else inputs.ref.to(work), options,
+        None if inputs.advantages is None else inputs.advantages.to(work),
     )
     return LensOutput.from_epilogue(result, logp)
 
@@ -94,67 +122,20 @@ def token_logprobs(
     temperature: float = 1.0,
     backend: str = "auto",
     inplace_backward: bool = False,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Per-token log-probs ``log softmax(logits / temperature)[target]``.
 
-    ``logits [B, T, V]`` (any strides), ``target_ids [B, T]`` int64 -> ``[B, T]`` fp32
-    (float64 for float64 logits, torch backend), differentiable in ``logits``; no
+    ``logits [B, T, V]`` (any strides), ``target_ids [B, T]`` int64 in ``[0, V)`` -> ``[B, T]``
+    fp32 (float64 for float64 logits, torch backend), differentiable in ``logits``; no
     ``[B, T, V]`` fp32 buffer is made.
     """
     check_logits(logits)
-    checks = ValueChecks()
-    check_targets(target_ids, logits, checks)
-    check_temperature(temperature)
-    backend = check_backend(backend, logits)
-    check_inplace(inplace_backward, logits)
-    checks.settle()
-    return ops.token_logprobs(logits, target_ids, temperature, backend, inplace_backward)
-
-
-class LensAdvantages(NamedTuple):
-    """Steps 3-7 of SPEC section 1 (all detached, fp32)."""
-
-    advantages: torch.Tensor  # [B]
-    calibrated_rewards: torch.Tensor  # [B]
-    confidence: torch.Tensor  # [B]
-    difficulty: torch.Tensor  # [num_groups]
-    negative_group_fraction: torch.Tensor  # []
-
-
-def lens_advantages(
-    old_logprobs: torch.Tensor,
-    completion_mask: torch.Tensor,
-    rewards: torch.Tensor,
-    group_size: Optional[int] = None,
-    group_index: Optional[torch.Tensor] = None,
-    mode: str = "lens",
-    alpha: float = 0.25,
-    scale_by_std: bool = True,
-    std_eps: float = 1e-6,
-    length_gamma: Optional[float] = None,
-) -> LensAdvantages:
-    """Confidence, difficulty, calibrated rewards and advantages from sampler log-probs.
-
-    ``old_logprobs [B, T]`` (the policy that sampled), ``completion_mask [B, T]``,
-    ``rewards [B]`` in ``[0, 1]``; groups as in :func:`fused_lens_loss`.  For trainers that
-    compute the surrogate themselves; runs the reference formulas in float64 on the inputs'
-    device and returns fp32.
-    """
-    if not isinstance(old_logprobs, torch.Tensor):
-        raise TypeError(f"old_logprobs: expected a [B, T] floating-point tensor, got {type(old_logprobs).__name__}")
-    if old_logprobs.dim() != 2:
-        raise ValueError(f"old_logprobs: expected shape [B, T], got {list(old_logprobs.shape)}")
-    batch, _ = old_logprobs.shape
-    device = old_logprobs.device
-    _float_tensor("old_logprobs", old_logprobs, tuple(old_logprobs.shape), device)
-    checks = ValueChecks()
-    check_mask(completion_mask, tuple(old_logprobs.shape), device, checks)
-    check_rewards(rewards, batch, device, checks)
-    groups = check_groups(group_size, group_index, batch, device, checks)
-    cfg = check_options(mode, alpha, scale_by_std, std_eps, length_gamma)
-    checks.settle()
-    cal = reference.calibrate(old_logprobs.double(), completion_mask, rewards.double(), groups, cfg)
-    return LensAdvantages(
-        cal.advantages.float(), cal.calibrated_rewards.float(), cal.confidence.float(),
-        cal.difficulty.float(), cal.negative.float().mean(),
+    checks = ValueChecks(check_values)
+    check_targets(target_ids, logits, None, checks)
+    options = LensOptions(
+        temperature=check_temperature(temperature), backend=check_backend(backend, logits),
+        inplace_backward=check_inplace(inplace_backward, logits), check_values=check_values,
     )
+    checks.settle()
+    return ops.token_logprobs(logits, target_ids, options)

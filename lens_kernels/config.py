@@ -1,6 +1,10 @@
-"""Options of the loss after validation, in one immutable record shared by every backend."""
+"""The options of one loss call, in one immutable record carried from the public function to
+the launchers (``LensOptions``), and the record of SPEC steps 3-9 (``EpilogueResult``)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -20,8 +24,14 @@ LENGTH_GAMMA_MIN_GAP = 1e-3
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    """The scalar options of SPEC section 1, already checked by ``lens_kernels.validation``."""
+class LensOptions:
+    """Every scalar option of a loss call, checked by ``lens_kernels.validation``.
+
+    The math options are SPEC section 1's; ``backend`` is already resolved (never ``"auto"``);
+    ``check_values`` says whether the checks that read tensor values (and sync the host) run.
+    Custom ops receive the record as its :meth:`key` string and rebuild it with
+    :meth:`from_key` (cached), so one object travels from the public function to the kernels.
+    """
 
     mode: str = "lens"
     alpha: float = 0.25
@@ -29,21 +39,56 @@ class LossConfig:
     eps_high: float = 0.2
     clip_ratio_c: Optional[float] = None
     beta: float = 0.0
+    temperature: float = 1.0
     loss_agg_mode: str = "seq-mean-token-mean"
     scale_by_std: bool = True
     std_eps: float = 1e-6
     length_gamma: Optional[float] = None
+    backend: str = "torch"
+    inplace_backward: bool = False
+    check_values: bool = True
+
+    @property
+    def inv_temperature(self) -> float:
+        return 1.0 / self.temperature
+
+    @property
+    def lens_mixed(self) -> bool:
+        """Mixed groups take their advantages from the calibrated reward."""
+        return self.mode in ("lens", "lens-mixed-only")
+
+    @property
+    def lens_negative(self) -> bool:
+        """Negative groups take their (de-meaned, ``alpha``-weighted) advantages from it."""
+        return self.mode in ("lens", "lens-negative-only")
+
+    def key(self) -> str:
+        return _key(self)
+
+    @staticmethod
+    def from_key(key: str) -> "LensOptions":
+        return _from_key(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _key(options: LensOptions) -> str:
+    return json.dumps(dataclasses.astuple(options))
+
+
+@functools.lru_cache(maxsize=256)
+def _from_key(key: str) -> LensOptions:
+    return LensOptions(*json.loads(key))
 
 
 class EpilogueResult(NamedTuple):
-    """What every backend's ``epilogue_forward`` returns (all fp32 unless noted)."""
+    """SPEC steps 3-9 (all in the work dtype; ``dlogp`` None where autograd provides it)."""
 
     loss: torch.Tensor  # [] the aggregated objective
-    dlogp: torch.Tensor  # [B, T] d loss / d logp (0 at masked-out positions)
+    dlogp: Optional[torch.Tensor]  # [B, T] d loss / d logp (0 at masked-out positions)
     advantages: torch.Tensor  # [B]
-    calibrated_rewards: torch.Tensor  # [B]
-    confidence: torch.Tensor  # [B] pibar
-    difficulty: torch.Tensor  # [num_groups] D
-    negative_group_fraction: torch.Tensor  # []
+    calibrated_rewards: Optional[torch.Tensor]  # [B]; None with caller-given advantages
+    confidence: Optional[torch.Tensor]  # [B] pibar; None with caller-given advantages
+    difficulty: Optional[torch.Tensor]  # [num_groups] D; None with caller-given advantages
+    negative_group_fraction: Optional[torch.Tensor]  # []; None with caller-given advantages
     clip_fraction: torch.Tensor  # [] over masked tokens
     kl: Optional[torch.Tensor]  # [] masked token mean of k3, None without ref_logprobs

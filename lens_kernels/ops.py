@@ -1,10 +1,14 @@
-"""``torch.library`` custom ops around the backend launchers, with fake kernels and autograd.
+"""``torch.library`` custom ops around the backend launchers, and the autograd around them.
 
-Two differentiable ops make the loss: the vocabulary pass ``logits -> logp`` (backward
-recomputes the softmax from the saved logsumexp) and the epilogue ``logp -> loss`` (its
-forward also returns ``d loss / d logp``, so its backward is one multiply).  Being custom ops,
-both are opaque to ``torch.compile``: a training step calling ``fused_lens_loss`` compiles
-with ``fullgraph=True`` whatever the backend.
+Layers (as in QuACK): custom op (kernels, opaque to ``torch.compile``, with a fake kernel) ->
+autograd (``register_autograd`` or a ``torch.autograd.Function``) -> the public functions of
+``lens_kernels.api``.  The options travel as one :class:`~lens_kernels.config.LensOptions`,
+handed to custom ops as its ``key()`` string.
+
+* ``logprobs_fwd`` / ``logprobs_bwd[_inplace]``: the vocabulary pass ``logits -> logp`` and
+  its backward (differentiable token log-probs, and the torch backend's loss).
+* ``loss_one_pass[_inplace]``, ``loss_two_pass``: the whole loss on a GPU backend
+  (``backends.kernel_loss``); ``scale_rows_`` is the one-pass backward.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends import torch_backend
-from .config import EpilogueResult, LossConfig
+from .backends import kernel_loss
+from .backends.common import scale_rows_
+from .config import LensOptions
 from .groups import GroupLayout
 
 _LIB = "lens_kernels"
@@ -26,11 +31,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# ---- the vocabulary pass ------------------------------------------------------------------
+
+
 @torch.library.custom_op(f"{_LIB}::logprobs_fwd", mutates_args=())
 def _logprobs_fwd(
     logits: Tensor, target_ids: Tensor, inv_temperature: float, backend: str, inplace_backward: bool
 ) -> tuple[Tensor, Tensor]:
-    return backends.get(backend).logprobs_forward(logits, target_ids.contiguous(), inv_temperature)
+    return backends.get(backend).logprobs_forward(logits, target_ids, inv_temperature)
 
 
 @_logprobs_fwd.register_fake
@@ -41,28 +49,38 @@ def _(logits, target_ids, inv_temperature, backend, inplace_backward):
 
 @torch.library.custom_op(f"{_LIB}::logprobs_bwd", mutates_args=())
 def _logprobs_bwd(
-    grad_logp: Tensor, logits: Tensor, target_ids: Tensor, lse: Tensor, inv_temperature: float, backend: str
+    grad_logp: Tensor, logits: Tensor, target_ids: Tensor, lse: Tensor, inv_temperature: float, backend: str,
+    grad_scale: Optional[Tensor],
 ) -> Tensor:
     return backends.get(backend).logprobs_backward(
-        grad_logp, logits, target_ids.contiguous(), lse, inv_temperature, False
+        grad_logp, logits, target_ids, lse, inv_temperature, False, grad_scale
     )
 
 
 @_logprobs_bwd.register_fake
-def _(grad_logp, logits, target_ids, lse, inv_temperature, backend):
+def _(grad_logp, logits, target_ids, lse, inv_temperature, backend, grad_scale):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op(f"{_LIB}::logprobs_bwd_inplace", mutates_args=("logits",))
 def _logprobs_bwd_inplace(
-    logits: Tensor, grad_logp: Tensor, target_ids: Tensor, lse: Tensor, inv_temperature: float, backend: str
+    logits: Tensor, grad_logp: Tensor, target_ids: Tensor, lse: Tensor, inv_temperature: float, backend: str,
+    grad_scale: Optional[Tensor],
 ) -> None:
-    backends.get(backend).logprobs_backward(grad_logp, logits, target_ids.contiguous(), lse, inv_temperature, True)
+    backends.get(backend).logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, True, grad_scale)
 
 
 @_logprobs_bwd_inplace.register_fake
-def _(logits, grad_logp, target_ids, lse, inv_temperature, backend):
+def _(logits, grad_logp, target_ids, lse, inv_temperature, backend, grad_scale):
     return None
+
+
+def _logprobs_grad(grad_logp, logits, target_ids, lse, inv_temperature, backend, inplace, grad_scale=None):
+    """``d loss / d logits`` from ``grad_logp [B, T]``: a new tensor, or the logits overwritten."""
+    if inplace:
+        _logprobs_bwd_inplace(logits, grad_logp, target_ids, lse, inv_temperature, backend, grad_scale)
+        return logits
+    return _logprobs_bwd(grad_logp, logits, target_ids, lse, inv_temperature, backend, grad_scale)
 
 
 def _logprobs_setup(ctx, inputs, output):
@@ -75,79 +93,168 @@ def _logprobs_setup(ctx, inputs, output):
 def _logprobs_backward(ctx, grad_logp, _grad_lse):
     logits, target_ids, lse = ctx.saved_tensors
     grad_logp = grad_logp.to(lse.dtype).contiguous()
-    if ctx.inplace:
-        _logprobs_bwd_inplace(logits, grad_logp, target_ids, lse, ctx.inv_temperature, ctx.backend)
-        grad = logits
-    else:
-        grad = _logprobs_bwd(grad_logp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend)
+    grad = _logprobs_grad(grad_logp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend, ctx.inplace)
     return grad, None, None, None, None
 
 
 _logprobs_fwd.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
 
 
-def token_logprobs(
-    logits: Tensor, target_ids: Tensor, temperature: float, backend: str, inplace_backward: bool = False
-) -> Tensor:
-    """Differentiable ``[B, T]`` fp32 log-probs through backend ``backend`` (no checks)."""
-    logp, _ = _logprobs_fwd(logits, target_ids, 1.0 / temperature, backend, inplace_backward)
+def token_logprobs(logits: Tensor, target_ids: Tensor, options: LensOptions) -> Tensor:
+    """Differentiable ``[B, T]`` log-probs through ``options.backend`` (arguments checked)."""
+    logp, _ = _logprobs_fwd(
+        logits, target_ids, options.inv_temperature, options.backend, options.inplace_backward
+    )
     return logp
 
 
-@torch.library.custom_op(f"{_LIB}::epilogue_fwd", mutates_args=())
-def _epilogue_fwd(
-    logp: Tensor, old: Tensor, mask: Tensor, rewards: Tensor, ref: Optional[Tensor],
-    group_id: Tensor, order: Tensor, start: Tensor, size: Tensor,
-    num_groups: int, max_size: int,
-    mode: str, alpha: float, eps_low: float, eps_high: float, clip_ratio_c: Optional[float],
-    beta: float, loss_agg_mode: str, scale_by_std: bool, std_eps: float,
-    length_gamma: Optional[float], backend: str,
+# ---- the whole loss on a GPU backend ------------------------------------------------------
+
+# Results of the loss ops, in order (empty tensors stand for None: custom ops return tensors).
+_RESULTS = ("loss", "logprobs", "advantages", "calibrated_rewards", "confidence", "difficulty",
+            "negative_group_fraction", "clip_fraction", "kl")
+
+
+def _group_args(groups: Optional[GroupLayout]) -> tuple:
+    """A layout as custom-op arguments: ``order, start, size`` and ``[num_groups, max_size,
+    group_size]`` (``[]`` without groups)."""
+    if groups is None:
+        return None, None, None, []
+    return groups.order, groups.start, groups.size, [groups.num_groups, groups.max_size, groups.group_size]
+
+
+def _groups(batch: int, sizes: list[int], order, start, size) -> Optional[GroupLayout]:
+    if not sizes:
+        return None
+    num_groups, max_size, group_size = sizes
+    return GroupLayout(batch, num_groups, max_size, group_size, None, order, start, size)
+
+
+def _flatten(result: kernel_loss.KernelLoss, like: Tensor) -> list[Tensor]:
+    empty = like.new_empty(0)
+    calibration = result.calibration if result.calibration is not None else (empty,) * 5
+    kl = result.kl if result.kl is not None else empty
+    return [result.loss, result.logp, *calibration, result.clip_fraction, kl]
+
+
+def _fake_results(logits: Tensor, has_groups: bool, num_groups: int, has_ref: bool) -> list[Tensor]:
+    batch, length = logits.shape[:2]
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    row = lambda: torch.empty(batch if has_groups else 0, **f32)  # noqa: E731
+    return [torch.empty((), **f32), torch.empty((batch, length), **f32), row(), row(), row(),
+            torch.empty(num_groups if has_groups else 0, **f32), torch.empty(() if has_groups else 0, **f32),
+            torch.empty((), **f32), torch.empty(() if has_ref else 0, **f32)]
+
+
+@torch.library.custom_op(f"{_LIB}::loss_one_pass", mutates_args=())
+def _loss_one_pass(
+    logits: Tensor, target_ids: Tensor, live: Tensor, rewards: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
+    advantages: Optional[Tensor], order: Optional[Tensor], start: Optional[Tensor], size: Optional[Tensor],
+    group_sizes: list[int], options: str, write_grad: bool,
 ) -> list[Tensor]:
-    groups = GroupLayout(group_id, order, start, size, num_groups, max_size)
-    cfg = LossConfig(mode, alpha, eps_low, eps_high, clip_ratio_c, beta, loss_agg_mode,
-                     scale_by_std, std_eps, length_gamma)
-    result = backends.get(backend).epilogue_forward(logp, old, mask, rewards, groups, ref, cfg)
-    kl = result.kl if result.kl is not None else logp.new_zeros(())
-    return [t.contiguous() for t in result._replace(kl=kl)]
+    opts = LensOptions.from_key(options)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
+    result = kernel_loss.one_pass(logits, target_ids, live, rewards, old, ref, advantages,
+                                  _groups(logits.shape[0], group_sizes, order, start, size), opts, grad)
+    return _flatten(result, live) + ([grad] if write_grad else [])
 
 
-@_epilogue_fwd.register_fake
-def _(logp, old, mask, rewards, ref, group_id, order, start, size, num_groups, *args):
-    batch = logp.shape[0]
-    scalar, row = logp.new_empty(()), logp.new_empty((batch,))
-    return [scalar, torch.empty_like(logp), row, row.clone(), row.clone(),
-            logp.new_empty((num_groups,)), scalar.clone(), scalar.clone(), scalar.clone()]
+@_loss_one_pass.register_fake
+def _(logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, options, write_grad):
+    results = _fake_results(logits, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
+    return results + ([torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)] if write_grad else [])
 
 
-def _epilogue_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+@torch.library.custom_op(f"{_LIB}::loss_one_pass_inplace", mutates_args=("logits",))
+def _loss_one_pass_inplace(
+    logits: Tensor, target_ids: Tensor, live: Tensor, rewards: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
+    advantages: Optional[Tensor], order: Optional[Tensor], start: Optional[Tensor], size: Optional[Tensor],
+    group_sizes: list[int], options: str,
+) -> list[Tensor]:
+    opts = LensOptions.from_key(options)
+    result = kernel_loss.one_pass(logits, target_ids, live, rewards, old, ref, advantages,
+                                  _groups(logits.shape[0], group_sizes, order, start, size), opts, logits)
+    return _flatten(result, live)
 
 
-def _epilogue_backward(ctx, grads):
-    (dlogp,) = ctx.saved_tensors
-    grad_logp = grads[0] * dlogp
-    return (grad_logp,) + (None,) * 21
+@_loss_one_pass_inplace.register_fake
+def _(logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, options):
+    return _fake_results(logits, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
 
 
-_epilogue_fwd.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
+@torch.library.custom_op(f"{_LIB}::loss_two_pass", mutates_args=())
+def _loss_two_pass(
+    logits: Tensor, target_ids: Tensor, live: Tensor, rewards: Tensor, ref: Optional[Tensor],
+    order: Optional[Tensor], start: Optional[Tensor], size: Optional[Tensor], group_sizes: list[int], options: str,
+) -> list[Tensor]:
+    opts = LensOptions.from_key(options)
+    result = kernel_loss.two_pass(logits, target_ids, live, rewards, ref,
+                                  _groups(logits.shape[0], group_sizes, order, start, size), opts)
+    return _flatten(result, live) + [result.lse, result.dlogp]
 
 
-def epilogue(
-    logp: Tensor, old: Tensor, mask: Tensor, rewards: Tensor, groups: GroupLayout,
-    ref: Optional[Tensor], cfg: LossConfig, backend: str,
-) -> EpilogueResult:
-    """SPEC steps 3-9 through backend ``backend``; ``loss`` is differentiable in ``logp``.
+@_loss_two_pass.register_fake
+def _(logits, target_ids, live, rewards, ref, order, start, size, group_sizes, options):
+    logp_like = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    return _fake_results(logits, True, group_sizes[0], ref is not None) + [logp_like, torch.empty_like(logp_like)]
 
-    The torch backend's epilogue is plain differentiable PyTorch, called directly (and traced
-    by ``torch.compile``); kernel backends go through the custom op above.
-    """
-    if backend == "torch":
-        return torch_backend.epilogue(logp, old, mask, rewards, groups, ref, cfg)
-    outputs = _epilogue_fwd(
-        logp, old, mask, rewards, ref, groups.group_id, groups.order, groups.start, groups.size,
-        groups.num_groups, groups.max_size,
-        cfg.mode, cfg.alpha, cfg.eps_low, cfg.eps_high, cfg.clip_ratio_c, cfg.beta,
-        cfg.loss_agg_mode, cfg.scale_by_std, cfg.std_eps, cfg.length_gamma, backend,
-    )
-    result = EpilogueResult(*outputs)
-    return result._replace(kl=None if ref is None else result.kl)
+
+@torch.library.custom_op(f"{_LIB}::scale_rows_", mutates_args=("grad",))
+def _scale_rows(grad: Tensor, grad_output: Tensor) -> None:
+    scale_rows_(grad, grad_output)
+
+
+@_scale_rows.register_fake
+def _(grad, grad_output):
+    return None
+
+
+class LensLoss(torch.autograd.Function):
+    """The loss on a GPU backend, differentiable in ``logits`` (every other output detached)."""
+
+    @staticmethod
+    def forward(ctx, logits, target_ids, live, rewards, old, ref, advantages, groups, options: LensOptions):
+        group_args, key = _group_args(groups), options.key()
+        ctx.options, ctx.one_pass = options, kernel_loss.one_pass_applies(options, old is not None, advantages is not None)
+        if ctx.one_pass:
+            args = (logits, target_ids, live, rewards, old, ref, advantages, *group_args, key)
+            if options.inplace_backward:
+                results = _loss_one_pass_inplace(*args)
+                grad = logits
+            else:
+                *results, grad = _loss_one_pass(*args, True)
+            ctx.save_for_backward(grad)
+        else:
+            *results, lse, dlogp = _loss_two_pass(logits, target_ids, live, rewards, ref, *group_args, key)
+            ctx.save_for_backward(logits, target_ids, lse, dlogp)
+        ctx.mark_non_differentiable(*results[1:])
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.one_pass:
+            (grad,) = ctx.saved_tensors
+            _scale_rows(grad, grad_loss)
+        else:
+            logits, target_ids, lse, dlogp = ctx.saved_tensors
+            grad = _logprobs_grad(dlogp, logits, target_ids, lse, ctx.options.inv_temperature,
+                                  ctx.options.backend, ctx.options.inplace_backward, grad_loss)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def kernel_loss_forward(logits, target_ids, live, rewards, old, ref, advantages, groups, options) -> dict:
+    """The GPU-backend loss as a dict of :data:`_RESULTS` (None where absent)."""
+    if not logits.requires_grad and kernel_loss.one_pass_applies(options, old is not None, advantages is not None):
+        # nothing to differentiate: the one-pass kernel without its gradient writes
+        results = _loss_one_pass(logits, target_ids, live, rewards, old, ref, advantages, *_group_args(groups),
+                                 options.key(), False)
+    else:
+        results = LensLoss.apply(logits, target_ids, live, rewards, old, ref, advantages, groups, options)
+    out = dict(zip(_RESULTS, results))
+    if advantages is not None:
+        for name in ("advantages", "calibrated_rewards", "confidence", "difficulty", "negative_group_fraction"):
+            out[name] = None
+        out["advantages"] = advantages.detach()
+    if ref is None:
+        out["kl"] = None
+    return out

@@ -15,19 +15,23 @@ class LensOutput:
 
     ``loss`` is a 0-dim tensor whose ``backward()`` gives d loss / d logits; everything else is
     detached.  ``logprobs [B, T]`` (fp32) can be fed back as ``old_logprobs`` in the next PPO
-    epoch.  ``calibrated_rewards [B]`` holds the reward each row's advantage was computed from:
+    epoch; positions a backend skips (masked-out rows, on the GPU backends) hold 0.
+    ``calibrated_rewards [B]`` holds the reward each row's advantage was computed from:
     ``rt`` of SPEC 1.6 where the mode calibrates that row's group type, the raw reward
     otherwise (so it equals ``rewards`` in ``mode="grpo"``).  ``clip_fraction`` and ``kl`` are
-    means over masked tokens; ``kl`` (k3) is None without ``ref_logprobs``.
+    means over masked tokens; ``kl`` (k3) is None without ``ref_logprobs``.  With caller-given
+    ``advantages`` (which replace SPEC steps 3-7), ``advantages`` is that tensor and
+    ``calibrated_rewards``, ``confidence``, ``difficulty`` and ``negative_group_fraction``
+    are None.
     """
 
     loss: torch.Tensor
     logprobs: torch.Tensor
     advantages: torch.Tensor
-    calibrated_rewards: torch.Tensor
-    confidence: torch.Tensor
-    difficulty: torch.Tensor
-    negative_group_fraction: torch.Tensor
+    calibrated_rewards: Optional[torch.Tensor]
+    confidence: Optional[torch.Tensor]
+    difficulty: Optional[torch.Tensor]
+    negative_group_fraction: Optional[torch.Tensor]
     clip_fraction: torch.Tensor
     kl: Optional[torch.Tensor]
 

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .config import LENGTH_GAMMA_MIN_GAP, EpilogueResult, LossConfig
+from .config import LENGTH_GAMMA_MIN_GAP, EpilogueResult, LensOptions
 from .groups import GroupLayout
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "advantages",
     "token_objective",
     "aggregate",
+    "sequence_stats",
+    "calibrate_from_stats",
     "calibrate",
     "epilogue",
     "fused_lens_loss",
@@ -43,14 +45,23 @@ def token_logprobs(
     return z.log_softmax(-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
 
 
+def sequence_stats(old: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp_sum [B], n [B])``: the sum of the masked ``old`` log-probs of each row and its
+    number of completion tokens (masked-out positions are selected away, whatever they hold)."""
+    mask = mask.bool()
+    return torch.where(mask, old, 0).sum(-1), mask.sum(-1).to(old.dtype)
+
+
+def confidence_from_stats(logp_sum: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Step 3 from per-row sums: ``pibar = exp(logp_sum / n)``, 0 for rows with ``n = 0``."""
+    return torch.where(n > 0, torch.exp(logp_sum / n.clamp(min=1)), 0)
+
+
 def sequence_confidence(old: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 3: ``(pibar [B], n [B])``, the geometric-mean probability under pi_old and the
     number of completion tokens; ``pibar = 0`` for rows with ``n = 0``."""
-    mask = mask.bool()
-    n = mask.sum(-1).to(old.dtype)
-    total = torch.where(mask, old, 0).sum(-1)
-    pibar = torch.where(n > 0, torch.exp(total / n.clamp(min=1)), 0)
-    return pibar, n
+    total, n = sequence_stats(old, mask)
+    return confidence_from_stats(total, n), n
 
 
 def _group_sum(values: torch.Tensor, groups: GroupLayout) -> torch.Tensor:
@@ -123,17 +134,17 @@ def advantages(
     rewards: torch.Tensor,
     rt: torch.Tensor,
     groups: GroupLayout,
-    cfg: LossConfig,
+    options: LensOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 7: ``(A [B], used [B])`` where ``used`` is the reward each row's advantage was
     computed from (``rt`` or ``r`` depending on the mode and the row's group type)."""
     negative = negative_groups(rewards, groups)[groups.group_id]
-    lens_mixed = cfg.mode in ("lens", "lens-mixed-only")
-    lens_negative = cfg.mode in ("lens", "lens-negative-only")
-    used = torch.where(negative, rt if lens_negative else rewards, rt if lens_mixed else rewards)
-    mixed_adv = _normalised(used, groups, cfg.scale_by_std, cfg.std_eps)
-    if lens_negative:
-        negative_adv = cfg.alpha * _normalised(used, groups, False, cfg.std_eps)
+    used = torch.where(
+        negative, rt if options.lens_negative else rewards, rt if options.lens_mixed else rewards
+    )
+    mixed_adv = _normalised(used, groups, options.scale_by_std, options.std_eps)
+    if options.lens_negative:
+        negative_adv = options.alpha * _normalised(used, groups, False, options.std_eps)
     else:
         negative_adv = mixed_adv
     return torch.where(negative, negative_adv, mixed_adv), used
@@ -143,7 +154,7 @@ def token_objective(
     logp: torch.Tensor,
     old: torch.Tensor,
     adv: torch.Tensor,
-    cfg: LossConfig,
+    options: LensOptions,
     ref: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Step 8: ``(loss [B, T], clipped [B, T] bool, k3 [B, T] or None)`` per token.
@@ -152,18 +163,18 @@ def token_objective(
     """
     a = adv.unsqueeze(-1)
     ratio = torch.exp(logp - old)
-    clipped_ratio = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+    clipped_ratio = ratio.clamp(1 - options.eps_low, 1 + options.eps_high)
     unclipped_loss, clipped_loss = -a * ratio, -a * clipped_ratio
     loss = -torch.minimum(a * ratio, a * clipped_ratio)
     clipped = (clipped_loss > unclipped_loss).detach()
-    if cfg.clip_ratio_c is not None:
-        loss = torch.where(a < 0, torch.minimum(loss, -a * cfg.clip_ratio_c), loss)
+    if options.clip_ratio_c is not None:
+        loss = torch.where(a < 0, torch.minimum(loss, -a * options.clip_ratio_c), loss)
     k3 = None
     if ref is not None:
         delta = ref - logp
         k3 = torch.exp(delta) - delta - 1
-        if cfg.beta > 0:
-            loss = loss + cfg.beta * k3
+        if options.beta > 0:
+            loss = loss + options.beta * k3
     return loss, clipped, k3
 
 
@@ -194,17 +205,26 @@ class Calibration(NamedTuple):
     calibrated_rewards: torch.Tensor  # [B] the reward each advantage was computed from
 
 
+def calibrate_from_stats(
+    logp_sum: torch.Tensor, n: torch.Tensor, rewards: torch.Tensor, groups: GroupLayout, options: LensOptions
+) -> Calibration:
+    """Steps 3-7 from per-row sums of masked old log-probs and token counts (``[B]`` each):
+    what a distributed trainer gathers across ranks instead of ``[B, T]`` log-probs."""
+    logp_sum, n = logp_sum.detach(), n.detach().to(logp_sum.dtype)
+    groups = groups.tensors(logp_sum.device)
+    pibar = confidence_from_stats(logp_sum, n)
+    rewards = rewards.detach().to(logp_sum.dtype)
+    difficulty = group_difficulty(pibar, rewards, groups)
+    rt = calibrated_rewards(pibar, n, rewards, difficulty, groups, options.length_gamma)
+    adv, used = advantages(rewards, rt, groups, options)
+    return Calibration(pibar, difficulty, negative_groups(rewards, groups), adv, used)
+
+
 def calibrate(
-    old: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, groups: GroupLayout, cfg: LossConfig
+    old: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, groups: GroupLayout, options: LensOptions
 ) -> Calibration:
     """Steps 3-7: confidence, group type, difficulty, calibrated rewards, advantages."""
-    old = old.detach()
-    pibar, n = sequence_confidence(old, mask)
-    rewards = rewards.detach().to(old.dtype)
-    difficulty = group_difficulty(pibar, rewards, groups)
-    rt = calibrated_rewards(pibar, n, rewards, difficulty, groups, cfg.length_gamma)
-    adv, used = advantages(rewards, rt, groups, cfg)
-    return Calibration(pibar, difficulty, negative_groups(rewards, groups), adv, used)
+    return calibrate_from_stats(*sequence_stats(old.detach(), mask), rewards, groups, options)
 
 
 def epilogue(
@@ -212,33 +232,38 @@ def epilogue(
     old: torch.Tensor,
     mask: torch.Tensor,
     rewards: torch.Tensor,
-    groups: GroupLayout,
-    cfg: LossConfig,
+    groups: Optional[GroupLayout],
+    options: LensOptions,
     ref: Optional[torch.Tensor] = None,
+    advantages: Optional[torch.Tensor] = None,
 ) -> EpilogueResult:
     """Steps 3-9 from token log-probs; ``loss`` is differentiable in ``logp``.
 
-    ``dlogp`` of the returned record is None here (autograd provides it); backends that
-    compute the epilogue in a kernel return it explicitly.
+    Caller-given ``advantages [B]`` replace steps 3-7 (``groups`` is then unused, and the
+    calibration fields of the result are None).  ``dlogp`` of the returned record is None here
+    (autograd provides it); kernel backends return it explicitly.
     """
-    cal = calibrate(old, mask, rewards, groups, cfg)
+    if advantages is None:
+        cal = calibrate(old, mask, rewards, groups, options)
+        adv = cal.advantages
+    else:
+        cal, adv = None, advantages.detach().to(logp.dtype)
     # Zero the masked-out positions before any arithmetic, so that even non-finite values
     # there get an exactly zero gradient (a where after exp() would pass 0 * inf = NaN back).
     live = mask.bool()
     keep = lambda t: None if t is None else torch.where(live, t, 0)  # noqa: E731
     per_token, clipped, k3 = token_objective(
-        keep(logp), keep(old.detach()), cal.advantages, cfg,
-        None if ref is None else keep(ref.detach()),
+        keep(logp), keep(old.detach()), adv, options, None if ref is None else keep(ref.detach())
     )
-    dtype = cal.confidence.dtype
+    dtype = logp.dtype
     return EpilogueResult(
-        loss=aggregate(per_token, mask, cfg.loss_agg_mode),
+        loss=aggregate(per_token, mask, options.loss_agg_mode),
         dlogp=None,
-        advantages=cal.advantages,
-        calibrated_rewards=cal.calibrated_rewards,
-        confidence=cal.confidence,
-        difficulty=cal.difficulty,
-        negative_group_fraction=cal.negative.to(dtype).mean(),
+        advantages=adv,
+        calibrated_rewards=None if cal is None else cal.calibrated_rewards,
+        confidence=None if cal is None else cal.confidence,
+        difficulty=None if cal is None else cal.difficulty,
+        negative_group_fraction=None if cal is None else cal.negative.to(dtype).sum() / max(cal.negative.numel(), 1),
         clip_fraction=aggregate(clipped.to(dtype), mask, "token-mean"),
         kl=None if k3 is None else aggregate(k3.detach(), mask, "token-mean"),
     )
@@ -266,28 +291,33 @@ def fused_lens_loss(
     length_gamma: Optional[float] = None,
     backend: str = "auto",
     inplace_backward: bool = False,
-    check_finite: bool = True,
+    check_values: bool = True,
+    advantages: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float64,
 ):
     """The whole loss in plain PyTorch, same signature as :func:`lens_kernels.fused_lens_loss`.
 
-    ``backend``, ``inplace_backward`` and ``check_finite`` are accepted and ignored, so the two
-    are drop-in replacements; ``compute_dtype`` (default float64) is the precision of every
-    step, which is how tests measure PyTorch's own error in bf16/fp16.  Arguments are checked
-    exactly as in the fused function.
+    ``backend`` and ``inplace_backward`` are accepted and ignored, so the two are drop-in
+    replacements; ``compute_dtype`` (default float64) is the precision of every step, which is
+    how tests measure PyTorch's own error in bf16/fp16.  Arguments are checked exactly as in
+    the fused function.
     """
     from .output import LensOutput
-    from .validation import validate
+    from .validation import validate_loss
 
-    checked = validate(
-        logits, target_ids, completion_mask, rewards, group_size, group_index,
-        old_logprobs, ref_logprobs, beta, mode, alpha, eps_low, eps_high, clip_ratio_c,
-        temperature, loss_agg_mode, scale_by_std, std_eps, length_gamma, "torch",
+    inputs, options, checks = validate_loss(
+        logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs,
+        ref_logprobs, advantages,
+        dict(beta=beta, mode=mode, alpha=alpha, eps_low=eps_low, eps_high=eps_high,
+             clip_ratio_c=clip_ratio_c, temperature=temperature, loss_agg_mode=loss_agg_mode,
+             scale_by_std=scale_by_std, std_eps=std_eps, length_gamma=length_gamma,
+             backend="torch", inplace_backward=False, check_values=check_values),
     )
+    checks.settle()
     logp = token_logprobs(logits, target_ids, temperature, compute_dtype)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(compute_dtype)
     ref = None if ref_logprobs is None else ref_logprobs.to(compute_dtype)
     result = epilogue(
-        logp, old, completion_mask, rewards.to(compute_dtype), checked.groups, checked.cfg, ref
+        logp, old, completion_mask, rewards.to(compute_dtype), inputs.groups, options, ref, advantages
     )
     return LensOutput.from_epilogue(result, logp.detach())

@@ -1,19 +1,21 @@
-"""Argument checks of SPEC section 3, run once at the public boundary before any kernel.
+"""Argument checks of SPEC section 3, run once at the public boundary.
 
-Shape, dtype, device and option checks always run.  Checks that read tensor values (target id
-range, reward range, mask values, group sizes under ``group_index``) need a host sync; they
-run in eager mode and are skipped while ``torch.compile`` traces, where they would break the
-graph.
+Shape, dtype, device and option checks always run, before any kernel.  Checks that read
+tensor values (id range, reward range, mask values, finiteness, group sizes) are gathered in a
+:class:`ValueChecks` and settled with one host sync; ``check_values=False`` turns them off
+(no sync: the call can be captured in a CUDA graph), and they are skipped while
+``torch.compile`` traces.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
 
 from . import backends
-from .config import LOSS_AGG_MODES, MODES, LossConfig
+from .config import LOSS_AGG_MODES, MODES, LensOptions
 from .groups import GroupLayout, contiguous_groups, indexed_groups
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -21,12 +23,17 @@ LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = LOGITS_DTYPES + (torch.float64,)
 
 
-class Checked(NamedTuple):
-    """What validation hands to the dispatcher."""
+class LossInputs(NamedTuple):
+    """The tensors of one loss call after validation (unchanged, never copied)."""
 
-    groups: GroupLayout
-    cfg: LossConfig
-    backend: str
+    logits: torch.Tensor  # [B, T, V]
+    target_ids: torch.Tensor  # [B, T] int64
+    mask: torch.Tensor  # [B, T] bool or 0/1 numbers
+    rewards: torch.Tensor  # [B]
+    groups: Optional[GroupLayout]  # None with caller-given advantages
+    old: Optional[torch.Tensor]  # [B, T]
+    ref: Optional[torch.Tensor]  # [B, T]
+    advantages: Optional[torch.Tensor]  # [B]
 
 
 def _eager() -> bool:
@@ -38,52 +45,76 @@ class ValueChecks:
 
     ``add(bad, message)`` records a 0-dim bool tensor (True = invalid) and the error text (or
     a callable making it, run only on failure); ``settle()`` raises ``ValueError`` for the
-    first invalid one.  Nothing is recorded while ``torch.compile`` traces.
+    first invalid one.  Nothing is recorded when disabled or while ``torch.compile`` traces.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and _eager()
         self._items: list = []
 
     def add(self, bad: torch.Tensor, message) -> None:
-        if _eager():
+        if self.enabled:
             self._items.append((bad, message))
+
+    def finite(self, name: str, values: torch.Tensor, live: Optional[torch.Tensor], hint: str = "") -> None:
+        """``values`` finite wherever ``live`` (all positions when None)."""
+        if not self.enabled:
+            return
+        bad = ~torch.isfinite(values)
+        if live is not None:
+            bad &= live.bool()
+
+        def message() -> str:
+            first = [int(i) for i in bad.nonzero()[0]]
+            where = "masked " if live is not None else ""
+            return (f"{name}: expected finite values, found {int(bad.sum())} non-finite {where}position(s), "
+                    f"first at {first}{hint}")
+
+        self.add(bad.any(), message)
 
     def settle(self) -> None:
         if not self._items:
             return
         flags = torch.stack([bad for bad, _ in self._items]).tolist()
-        for flag, (_, message) in zip(flags, self._items):
+        items, self._items = self._items, []
+        for flag, (_, message) in zip(flags, items):
             if flag:
                 raise ValueError(message() if callable(message) else message)
-        self._items.clear()
 
 
-def _tensor(name: str, value, shape: tuple, device: torch.device) -> torch.Tensor:
+def _tensor(name: str, value, shape: tuple, device: torch.device, whose: str = "the logits'") -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {list(shape)}, got {type(value).__name__}")
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(value.shape)}")
     if value.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (the logits' device), got {value.device}")
+        raise ValueError(f"{name}: expected a tensor on {device} ({whose} device), got {value.device}")
     return value
 
 
-def _float_tensor(name: str, value, shape: tuple, device: torch.device) -> torch.Tensor:
-    _tensor(name, value, shape, device)
+def _float_tensor(name: str, value, shape: tuple, device: torch.device, whose: str = "the logits'") -> torch.Tensor:
+    _tensor(name, value, shape, device, whose)
     if not value.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
     return value
 
 
-def _number(name: str, value, low: float, high: float = math.inf, *, open_low=False, open_high=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _number(name: str, value, low: float, high: float = math.inf, *, open_low=False, open_high=True) -> float:
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    value = float(value)
     below = value <= low if open_low else value < low
     above = value >= high if open_high else value > high
     if below or above:
         left, right = "(" if open_low else "[", ")" if open_high else "]"
         raise ValueError(f"{name}: expected a value in {left}{low}, {high}{right}, got {value!r}")
-    return float(value)
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
 
 
 def _choice(name: str, value, choices: tuple) -> str:
@@ -118,7 +149,7 @@ def check_backend(backend, logits: torch.Tensor) -> str:
 def check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
     """``inplace_backward`` needs logits whose elements do not share memory (an expanded or
     otherwise self-overlapping tensor would have several gradient writes race)."""
-    if not inplace_backward:
+    if not _flag("inplace_backward", inplace_backward):
         return False
     dims = sorted((stride, size) for stride, size in zip(logits.stride(), logits.shape) if size > 1)
     span = 1
@@ -133,27 +164,35 @@ def check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
     return True
 
 
-def check_targets(target_ids, logits: torch.Tensor, checks: ValueChecks) -> torch.Tensor:
-    """``target_ids``: int64 ``[B, T]`` with ``0 <= id < V``."""
+def check_targets(target_ids, logits: torch.Tensor, mask: Optional[torch.Tensor], checks: ValueChecks) -> torch.Tensor:
+    """``target_ids``: int64 ``[B, T]`` with ``0 <= id < V`` wherever ``mask`` is set (any
+    value, e.g. the transformers label -100, at masked-out positions)."""
     batch, length, vocab = logits.shape
+    if isinstance(target_ids, torch.Tensor) and target_ids.dim() == 2 and target_ids.shape[0] == batch \
+            and target_ids.shape[1] != length:
+        raise ValueError(
+            f"target_ids: logits and targets disagree in T ({length} vs {target_ids.shape[1]}); "
+            "logits[b, t] must predict target_ids[b, t] (e.g. logits[:, :-1] for targets input_ids[:, 1:])"
+        )
     _tensor("target_ids", target_ids, (batch, length), logits.device)
     if target_ids.dtype != torch.int64:
         raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
-    outside = (target_ids < 0) | (target_ids >= vocab)
-    checks.add(
-        outside.any(),
-        lambda: f"target_ids: expected ids in [0, {vocab}) (V = logits.shape[-1]), found {target_ids[outside][0].item()}",
-    )
+    if checks.enabled:
+        outside = (target_ids < 0) | (target_ids >= vocab)
+        if mask is not None:
+            outside &= mask.bool()
+        where = " at a masked position" if mask is not None else ""
+        checks.add(
+            outside.any(),
+            lambda: f"target_ids: expected ids in [0, {vocab}) (V = logits.shape[-1]){where}, "
+                    f"found {target_ids[outside][0].item()} at {[int(i) for i in outside.nonzero()[0]]}",
+        )
     return target_ids
 
 
-def check_temperature(temperature) -> float:
-    return _number("temperature", temperature, 0.0, open_low=True)
-
-
-def check_mask(completion_mask, shape: tuple, device: torch.device, checks: ValueChecks) -> torch.Tensor:
+def check_mask(completion_mask, shape: tuple, device: torch.device, checks: ValueChecks, whose: str = "the logits'"):
     """``completion_mask``: ``[B, T]`` bool, or numbers that are all 0 or 1."""
-    _tensor("completion_mask", completion_mask, shape, device)
+    _tensor("completion_mask", completion_mask, shape, device, whose)
     if completion_mask.dtype != torch.bool:
         if completion_mask.is_complex():
             raise TypeError(f"completion_mask: expected bool or 0/1 numbers, got {completion_mask.dtype}")
@@ -164,9 +203,9 @@ def check_mask(completion_mask, shape: tuple, device: torch.device, checks: Valu
     return completion_mask
 
 
-def check_rewards(rewards, batch: int, device: torch.device, checks: ValueChecks) -> torch.Tensor:
+def check_rewards(rewards, batch: int, device: torch.device, checks: ValueChecks, whose: str = "the logits'"):
     """``rewards``: float ``[B]`` in ``[0, 1]``, no NaN."""
-    _float_tensor("rewards", rewards, (batch,), device)
+    _float_tensor("rewards", rewards, (batch,), device, whose)
     checks.add(
         ~((rewards >= 0) & (rewards <= 1)).all(),
         "rewards: expected values in [0, 1] (binary or fractional), found values outside or NaN",
@@ -174,19 +213,23 @@ def check_rewards(rewards, batch: int, device: torch.device, checks: ValueChecks
     return rewards
 
 
-def check_groups(group_size, group_index, batch: int, device: torch.device, checks: ValueChecks) -> GroupLayout:
+def check_groups(group_size, group_index, batch: int, device: torch.device, checks: ValueChecks,
+                 optional: bool = False) -> Optional[GroupLayout]:
     """Exactly one of ``group_size`` (``G >= 2`` dividing ``B``) and ``group_index`` (int64
-    ``[B]``, every group at least 2 rows)."""
+    ``[B]``, every group at least 2 rows); neither is also accepted when ``optional``."""
+    if group_size is None and group_index is None and optional:
+        return None
     if (group_size is None) == (group_index is None):
         raise ValueError("group_size / group_index: pass exactly one of the two")
     if group_index is None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
             raise ValueError(f"group_size: expected an int >= 2, got {group_size!r}")
+        group_size = int(group_size)
         if group_size < 2:
             raise ValueError(f"group_size: expected an int >= 2 (a group of one row has no baseline), got {group_size}")
         if batch % group_size:
             raise ValueError(f"group_size: B = {batch} rows are not divisible by group_size = {group_size}")
-        return contiguous_groups(batch, group_size, device)
+        return contiguous_groups(batch, group_size)
     _tensor("group_index", group_index, (batch,), device)
     if group_index.dtype != torch.int64:
         raise TypeError(f"group_index: expected dtype int64, got {group_index.dtype}")
@@ -195,49 +238,71 @@ def check_groups(group_size, group_index, batch: int, device: torch.device, chec
     return groups
 
 
-def check_options(mode, alpha, scale_by_std, std_eps, length_gamma, **surrogate) -> LossConfig:
-    """The advantage options (SPEC steps 5-7, 10) into a :class:`LossConfig`; ``surrogate``
-    holds the already-checked options of steps 8-9.  ``std_eps`` must be > 0: an all-correct
-    group has std 0, and ``0 / (0 + 0)`` would make its advantages NaN."""
-    return LossConfig(
+def advantage_options(mode, alpha, scale_by_std, std_eps, length_gamma) -> dict:
+    """The options of SPEC steps 5-7 and 10.  ``std_eps`` must be > 0: an all-correct group
+    has std 0, and ``0 / (0 + 0)`` would make its advantages NaN."""
+    return dict(
         mode=_choice("mode", mode, MODES),
         alpha=_number("alpha", alpha, 0.0),
-        scale_by_std=bool(scale_by_std),
+        scale_by_std=_flag("scale_by_std", scale_by_std),
         std_eps=_number("std_eps", std_eps, 0.0, open_low=True),
         length_gamma=None if length_gamma is None else _number("length_gamma", length_gamma, 0.0, 1.0, open_low=True),
-        **surrogate,
     )
 
 
-def validate(
-    logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs,
-    ref_logprobs, beta, mode, alpha, eps_low, eps_high, clip_ratio_c, temperature,
-    loss_agg_mode, scale_by_std, std_eps, length_gamma, backend,
-) -> Checked:
-    """Check every argument of ``fused_lens_loss``; raise ``ValueError``/``TypeError`` naming it."""
+def check_temperature(temperature) -> float:
+    temperature = _number("temperature", temperature, 0.0, open_low=True)
+    if not math.isfinite(1.0 / temperature) or 1.0 / temperature > 1e30:
+        raise ValueError(f"temperature: expected a value whose inverse is a finite fp32 number, got {temperature!r}")
+    return temperature
+
+
+def loss_options(logits: torch.Tensor, has_ref: bool, values: dict) -> LensOptions:
+    """``values`` (the scalar keyword arguments of ``fused_lens_loss``) into :class:`LensOptions`."""
+    beta = _number("beta", values["beta"], 0.0)
+    if beta > 0 and not has_ref:
+        raise ValueError("beta: a KL penalty (beta > 0) needs ref_logprobs")
+    clip_ratio_c = values["clip_ratio_c"]
+    return LensOptions(
+        **advantage_options(values["mode"], values["alpha"], values["scale_by_std"], values["std_eps"],
+                            values["length_gamma"]),
+        eps_low=_number("eps_low", values["eps_low"], 0.0, 1.0),
+        eps_high=_number("eps_high", values["eps_high"], 0.0),
+        clip_ratio_c=None if clip_ratio_c is None else _number("clip_ratio_c", clip_ratio_c, 1.0, open_low=True),
+        beta=beta,
+        temperature=check_temperature(values["temperature"]),
+        loss_agg_mode=_choice("loss_agg_mode", values["loss_agg_mode"], LOSS_AGG_MODES),
+        backend=check_backend(values["backend"], logits),
+        inplace_backward=check_inplace(values["inplace_backward"], logits),
+        check_values=_flag("check_values", values["check_values"]),
+    )
+
+
+def validate_loss(
+    logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs, ref_logprobs,
+    advantages, values: dict,
+) -> tuple[LossInputs, LensOptions, ValueChecks]:
+    """Check every argument of ``fused_lens_loss``; raise ``ValueError``/``TypeError`` naming it.
+
+    Returns the inputs, the options and the pending value checks (the caller settles them,
+    with the finiteness of the log-probs, in one host sync)."""
     check_logits(logits)
     batch, length, _ = logits.shape
     device = logits.device
-    checks = ValueChecks()
-    check_targets(target_ids, logits, checks)
-    check_mask(completion_mask, (batch, length), device, checks)
-    check_rewards(rewards, batch, device, checks)
-    groups = check_groups(group_size, group_index, batch, device, checks)
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if value is not None:
             _float_tensor(name, value, (batch, length), device)
-    beta = _number("beta", beta, 0.0)
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta: a KL penalty (beta > 0) needs ref_logprobs")
-    cfg = check_options(
-        mode, alpha, scale_by_std, std_eps, length_gamma,
-        eps_low=_number("eps_low", eps_low, 0.0, 1.0),
-        eps_high=_number("eps_high", eps_high, 0.0),
-        clip_ratio_c=None if clip_ratio_c is None else _number("clip_ratio_c", clip_ratio_c, 1.0, open_low=True),
-        beta=beta,
-        loss_agg_mode=_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES),
-    )
-    check_temperature(temperature)
-    backend = check_backend(backend, logits)
-    checks.settle()
-    return Checked(groups, cfg, backend)
+    options = loss_options(logits, ref_logprobs is not None, values)
+    checks = ValueChecks(options.check_values)
+    check_mask(completion_mask, (batch, length), device, checks)
+    check_targets(target_ids, logits, completion_mask, checks)
+    check_rewards(rewards, batch, device, checks)
+    groups = check_groups(group_size, group_index, batch, device, checks, optional=advantages is not None)
+    if advantages is not None:
+        _float_tensor("advantages", advantages, (batch,), device)
+        checks.finite("advantages", advantages, None)
+    for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if value is not None:
+            checks.finite(name, value, completion_mask)
+    inputs = LossInputs(logits, target_ids, completion_mask, rewards, groups, old_logprobs, ref_logprobs, advantages)
+    return inputs, options, checks

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from .. import reference
-from ..config import EpilogueResult, LossConfig
+from ..config import EpilogueResult, LensOptions
 from ..groups import GroupLayout
 
 # Bound on the fp32 temporaries of one chunk (about three [rows, V] fp32 buffers live at once).
@@ -58,9 +58,11 @@ def logprobs_forward(logits, target_ids, inv_temperature):
     return logp, lse
 
 
-def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace):
+def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace, grad_scale=None):
     batch, length, vocab = logits.shape
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if grad_scale is not None:
+        grad_logp = grad_logp * grad_scale
     for rows, cols in _chunks(batch, length, vocab):
         scale = (grad_logp[rows, cols] * inv_temperature).unsqueeze(-1)
         z = _scaled(logits[rows, cols], lse.dtype, inv_temperature)
@@ -82,13 +84,14 @@ def epilogue(
     old: torch.Tensor,
     mask: torch.Tensor,
     rewards: torch.Tensor,
-    groups: GroupLayout,
+    groups: Optional[GroupLayout],
     ref: Optional[torch.Tensor],
-    cfg: LossConfig,
+    options: LensOptions,
+    advantages: Optional[torch.Tensor] = None,
 ) -> EpilogueResult:
     """The reference epilogue in float64, differentiable in ``logp``; results in ``logp.dtype``."""
+    double = lambda t: None if t is None else t.double()  # noqa: E731
     result = reference.epilogue(
-        logp.double(), old.double(), mask, rewards.double(), groups, cfg,
-        None if ref is None else ref.double(),
+        logp.double(), old.double(), mask, rewards.double(), groups, options, double(ref), double(advantages)
     )
     return EpilogueResult(*(None if t is None else t.to(logp.dtype) for t in result))

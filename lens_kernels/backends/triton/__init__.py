@@ -1,4 +1,6 @@
-"""Triton backend: the vocabulary pass (``logprobs``) and the epilogue (``loss_epilogue``) as kernels.
+"""Triton backend: the vocabulary pass (``logprobs``), the one-pass loss (``fused_loss``) and
+the two-pass token kernel (``token_loss``); the calibration around them is shared with the
+cuda backend (``lens_kernels.backends.common``).
 
 Runs on CUDA devices, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set
 before ``triton`` is imported), which is how it is tested without a GPU.  Importing this
@@ -12,10 +14,11 @@ from typing import Optional
 
 import torch
 
-from .loss_epilogue import epilogue_forward
+from .fused_loss import fused_loss
 from .logprobs import logprobs_backward, logprobs_forward
+from .token_loss import token_loss
 
-__all__ = ["is_available", "logprobs_forward", "logprobs_backward", "epilogue_forward"]
+__all__ = ["is_available", "logprobs_forward", "logprobs_backward", "fused_loss", "token_loss"]
 
 
 def _interpreting() -> bool:

@@ -27,6 +27,8 @@ fp32 (16 KiB per chunk), capped at ``next_power_of_2(V)``, with ``BLOCK_V // 512
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -35,21 +37,12 @@ _CHUNK_BYTES = 16384
 _MAX_WARPS = 16
 
 
-@triton.jit(do_not_specialize=["T"])
-def _logprobs_fwd_kernel(
-    logits_ptr, target_ptr, logp_ptr, lse_ptr,
-    T, V,
-    stride_b, stride_t, stride_v,
-    stride_tgt_b, stride_tgt_t,
-    inv_t,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    row_ptr = logits_ptr + b * stride_b + t * stride_t
+@triton.jit
+def row_logprob(row_ptr, target, V, stride_v, inv_t, BLOCK_V: tl.constexpr):
+    """``(logp, lse)`` of one row of logits: an online logsumexp in fp32 (running max ``m``
+    and rescaled sum ``s``), then one load of the target logit.  An id outside ``[0, V)``
+    reads nothing and gives NaN (ids are range-checked at the public boundary)."""
     lanes = tl.arange(0, BLOCK_V)
-
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
@@ -62,63 +55,91 @@ def _logprobs_fwd_kernel(
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
     lse = m + tl.log(s)
-
-    target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
-    # Ids are range-checked in eager mode only (not under torch.compile): an id outside
-    # [0, V), such as a -100 label at a masked position, reads nothing and gives NaN.
     valid = (target >= 0) & (target < V)
     z_target = tl.load(row_ptr + target * stride_v, mask=valid, other=float("nan")).to(tl.float32) * inv_t
-    tl.store(logp_ptr + row, z_target - lse)
-    tl.store(lse_ptr + row, lse)
+    return z_target - lse, lse
 
 
-@triton.jit(do_not_specialize=["T"])
-def _logprobs_bwd_kernel(
-    grad_logp_ptr, logits_ptr, target_ptr, lse_ptr, grad_ptr,
-    T, V,
-    stride_b, stride_t, stride_v,
-    stride_tgt_b, stride_tgt_t,
-    stride_gb, stride_gt, stride_gv,
-    inv_t,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    grad_row_ptr = grad_ptr + b * stride_gb + t * stride_gt
+@triton.jit
+def write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, lse, inv_t, BLOCK_V: tl.constexpr):
+    """``grad_row = coef * (onehot(target) - exp(z - lse))`` in the gradient's dtype, with
+    ``coef`` the row's ``d loss / d logp`` times ``inv_t``; a zero ``coef`` writes zeros
+    without reading the logits (padding and zero-advantage rows, NaN-safe)."""
     lanes = tl.arange(0, BLOCK_V)
-    g = tl.load(grad_logp_ptr + row)
-
-    if g == 0.0:
-        zeros = tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty)
+    if coef == 0.0:
+        zeros = tl.zeros((BLOCK_V,), tl.float32).to(grad_row_ptr.dtype.element_ty)
         for start in range(0, V, BLOCK_V):
             cols = start + lanes
             tl.store(grad_row_ptr + cols.to(tl.int64) * stride_gv, zeros, mask=cols < V)
     else:
-        row_ptr = logits_ptr + b * stride_b + t * stride_t
-        lse = tl.load(lse_ptr + row)
-        target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
-        coef = g * inv_t
         for start in range(0, V, BLOCK_V):
             cols = start + lanes
             in_row = cols < V
             z = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row, other=0.0)
             p = tl.exp(z.to(tl.float32) * inv_t - lse)
             grad = coef * (tl.where(cols == target, 1.0, 0.0) - p)
-            tl.store(
-                grad_row_ptr + cols.to(tl.int64) * stride_gv,
-                grad.to(grad_ptr.dtype.element_ty),
-                mask=in_row,
-            )
+            tl.store(grad_row_ptr + cols.to(tl.int64) * stride_gv, grad.to(grad_row_ptr.dtype.element_ty), mask=in_row)
 
 
-def _launch_shape(vocab: int, element_size: int) -> tuple[int, int]:
+@triton.jit(do_not_specialize=["T"])
+def _logprobs_fwd_kernel(
+    logits_ptr, target_ptr, live_ptr, logp_ptr, lse_ptr,
+    T, V,
+    stride_b, stride_t, stride_v,
+    stride_tgt_b, stride_tgt_t,
+    stride_lb, stride_lt,
+    inv_t,
+    HAS_LIVE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    live = True
+    if HAS_LIVE:
+        live = tl.load(live_ptr + b * stride_lb + t * stride_lt) != 0
+    if live:
+        target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
+        logp, lse = row_logprob(logits_ptr + b * stride_b + t * stride_t, target, V, stride_v, inv_t, BLOCK_V)
+        tl.store(logp_ptr + row, logp)
+        tl.store(lse_ptr + row, lse)
+    else:  # a masked-out row is never read
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _logprobs_bwd_kernel(
+    grad_logp_ptr, scale_ptr, logits_ptr, target_ptr, lse_ptr, grad_ptr,
+    T, V,
+    stride_b, stride_t, stride_v,
+    stride_tgt_b, stride_tgt_t,
+    stride_gb, stride_gt, stride_gv,
+    inv_t,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    g = tl.load(grad_logp_ptr + row)
+    if HAS_SCALE:
+        g = g * tl.load(scale_ptr).to(tl.float32)
+    target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    write_row_grad(
+        logits_ptr + b * stride_b + t * stride_t, grad_ptr + b * stride_gb + t * stride_gt,
+        target, V, stride_v, stride_gv, g * inv_t, lse, inv_t, BLOCK_V,
+    )
+
+
+def launch_shape(vocab: int, element_size: int) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for a row of ``vocab`` logits of ``element_size`` bytes."""
     block_v = min(triton.next_power_of_2(vocab), _CHUNK_BYTES // element_size)
     return block_v, max(1, min(_MAX_WARPS, block_v // 512))
 
 
-def _check(logits: torch.Tensor, target_ids: torch.Tensor) -> None:
+def check_layout(logits: torch.Tensor, target_ids: torch.Tensor) -> None:
     assert logits.dim() == 3, "logits must be [B, T, V]"
     assert logits.dtype in (torch.float32, torch.bfloat16, torch.float16), logits.dtype
     assert target_ids.shape == logits.shape[:2] and target_ids.dtype == torch.int64
@@ -126,23 +147,26 @@ def _check(logits: torch.Tensor, target_ids: torch.Tensor) -> None:
 
 
 def logprobs_forward(
-    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float
+    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp, lse)``, both ``[B, T]`` fp32 contiguous, for ``z = logits * inv_temperature``."""
-    _check(logits, target_ids)
+    """``(logp, lse)``, both ``[B, T]`` fp32 contiguous, for ``z = logits * inv_temperature``;
+    rows where ``live [B, T]`` (uint8, any strides) is 0 are not read and get 0."""
+    check_layout(logits, target_ids)
     batch, seq, vocab = logits.shape
     logp = torch.empty((batch, seq), device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     rows = batch * seq
     if rows == 0:
         return logp, lse
-    block_v, num_warps = _launch_shape(vocab, logits.element_size())
+    block_v, num_warps = launch_shape(vocab, logits.element_size())
     _logprobs_fwd_kernel[(rows,)](
-        logits, target_ids, logp, lse,
+        logits, target_ids, logp if live is None else live, logp, lse,
         seq, vocab,
         *logits.stride(),
         *target_ids.stride(),
+        *(live.stride() if live is not None else (0, 0)),
         float(inv_temperature),
+        HAS_LIVE=live is not None,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -156,10 +180,12 @@ def logprobs_backward(
     lse: torch.Tensor,
     inv_temperature: float,
     inplace: bool,
+    grad_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``grad_logp * inv_t * (onehot - softmax(z))`` in ``logits.dtype``: a new contiguous
-    tensor, or (``inplace=True``) written over ``logits`` itself, which is returned."""
-    _check(logits, target_ids)
+    """``grad_logp * grad_scale * inv_t * (onehot - softmax(z))`` in ``logits.dtype`` (``grad_scale``
+    a 0-dim tensor read on the device, or None for 1): a new contiguous tensor, or
+    (``inplace=True``) written over ``logits`` itself, which is returned."""
+    check_layout(logits, target_ids)
     assert grad_logp.shape == logits.shape[:2] and grad_logp.dtype == torch.float32
     assert lse.shape == logits.shape[:2] and lse.dtype == torch.float32
     grad_logp = grad_logp.contiguous()
@@ -169,14 +195,15 @@ def logprobs_backward(
     rows = batch * seq
     if rows == 0:
         return grad
-    block_v, num_warps = _launch_shape(vocab, logits.element_size())
+    block_v, num_warps = launch_shape(vocab, logits.element_size())
     _logprobs_bwd_kernel[(rows,)](
-        grad_logp, logits, target_ids, lse, grad,
+        grad_logp, grad_logp if grad_scale is None else grad_scale, logits, target_ids, lse, grad,
         seq, vocab,
         *logits.stride(),
         *target_ids.stride(),
         *grad.stride(),
         float(inv_temperature),
+        HAS_SCALE=grad_scale is not None,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
