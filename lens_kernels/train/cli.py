@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,11 +39,16 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     config = resolve_config(args.config, flag_overrides(args))
     _logging()
+    from .checkpoint import CheckpointError
     from .report import comparison_table, plot_curves
     from .trainer import run
 
     began = time.perf_counter()
-    results = run(config)
+    try:
+        results = run(config)
+    except CheckpointError as err:  # a damaged run directory: said once, without a traceback
+        print(f"lens-train: error: {err}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - began
     run_dir = Path(config.run_dir)
     if any("eval/pass@1" in r for recs in results.values() for r in recs):
