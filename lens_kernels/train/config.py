@@ -94,6 +94,9 @@ class TrainConfig:
     save_every: int = _opt(50, "steps between checkpoints (also at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept")
     progress: bool = _opt(True, "progress bar")
+    grad_share_every: int = _opt(1, "steps between measurements of the negative groups' share of "
+                                 "the gradient (0 = never; each costs one extra forward/backward "
+                                 "over the negative groups of one minibatch)")
     # --- embedded tiny model (used when model is unset) ------------------------------------
     toy_hidden_size: int = _opt(96, "tiny model width")
     toy_layers: int = _opt(2, "tiny model layers")
@@ -115,6 +118,8 @@ class TrainConfig:
                 f"minibatch_prompts: expected 0 or a divisor of prompts_per_step "
                 f"({self.prompts_per_step}), got {mb}"
             )
+        if self.grad_share_every < 0:
+            raise ValueError(f"grad_share_every: expected >= 0, got {self.grad_share_every}")
         if self.eval_ks and max(self.eval_ks) > self.eval_samples:
             raise ValueError(
                 f"eval_ks: largest k ({max(self.eval_ks)}) exceeds eval_samples "

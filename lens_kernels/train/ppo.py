@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .config import TrainConfig
+from .mechanism import negative_group_grad_share
 from .policy import Policy
 from .rollout import Rollout
 
@@ -24,6 +25,11 @@ def _share(mask: torch.Tensor, rows: torch.Tensor, all_rows: torch.Tensor, agg: 
     if agg == "seq-mean-token-sum-norm":
         return len(rows) / len(all_rows)
     return float(mask[rows].any(1).sum() / mask[all_rows].any(1).sum())
+
+
+def _weighted(out, share: float) -> torch.Tensor:
+    """A micro-batch's loss weighted by its share of the minibatch's loss."""
+    return out.loss * share
 
 
 def loss_kwargs(config: TrainConfig, mode: str) -> dict:
@@ -46,8 +52,14 @@ def ppo_update(
     ref_logprobs: Optional[torch.Tensor],
     config: TrainConfig,
     mode: str,
+    measure_grad_share: bool = False,
 ) -> dict[str, float]:
-    """``ppo_epochs`` passes; returns means over the optimizer updates and per-row statistics."""
+    """``ppo_epochs`` passes; returns means over the optimizer updates and per-row statistics.
+
+    With ``measure_grad_share`` the first update also reports the share of its gradient that
+    comes from negative groups (``lens_kernels.train.mechanism``; one extra forward/backward
+    over those groups' rows, no effect on the update).
+    """
     import lens_kernels as lk
 
     G = config.group_size
@@ -62,6 +74,20 @@ def ppo_update(
     advantages = torch.zeros_like(rewards, dtype=torch.float32)
     confidence = torch.zeros_like(advantages)
     calibrated = torch.zeros_like(advantages)
+    negative = (rewards.view(num_groups, G).amax(1) == 0).repeat_interleave(G)
+    mechanism: dict[str, float] = {}
+
+    def forward(rows: torch.Tensor, rows_all: torch.Tensor):
+        """The loss of ``rows`` and their share of the minibatch ``rows_all``'s loss."""
+        logits = policy.completion_logits(rollout, rows)
+        out = lk.fused_lens_loss(
+            logits, targets[rows], mask[rows], rewards[rows],
+            old_logprobs=old_logprobs[rows],
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
+            **kwargs,
+        )
+        return out, _share(mask, rows, rows_all, config.loss_agg_mode)
+
     policy.model.train()
     for epoch in range(config.ppo_epochs):
         order = torch.randperm(num_groups) if per_update < num_groups else torch.arange(num_groups)
@@ -71,14 +97,7 @@ def ppo_update(
             optimizer.zero_grad(set_to_none=True)
             for m in range(0, len(rows_all), micro):
                 rows = rows_all[m : m + micro]
-                logits = policy.completion_logits(rollout, rows)
-                out = lk.fused_lens_loss(
-                    logits, targets[rows], mask[rows], rewards[rows],
-                    old_logprobs=old_logprobs[rows],
-                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
-                    **kwargs,
-                )
-                share = _share(mask, rows, rows_all, config.loss_agg_mode)
+                out, share = forward(rows, rows_all)
                 (out.loss * share).backward()
                 sums["loss"] += float(out.loss.detach()) * share
                 sums["clip_fraction"] += float(out.clip_fraction) * share
@@ -87,6 +106,11 @@ def ppo_update(
                     advantages[rows] = out.advantages.float()
                     confidence[rows] = out.confidence.float()
                     calibrated[rows] = out.calibrated_rewards.float()
+            if measure_grad_share and updates == 0:
+                mechanism = negative_group_grad_share(
+                    params, rows_all[negative[rows_all]], micro,
+                    lambda rows, rows_all=rows_all: _weighted(*forward(rows, rows_all)),
+                )
             sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             updates += 1
@@ -95,10 +119,11 @@ def ppo_update(
     if ref_logprobs is None:
         del stats["kl"]
     stats["updates"] = updates
+    stats.update(mechanism)
     wrong = rewards < 0.5
-    negative = (rewards.view(num_groups, G).amax(1) == 0).repeat_interleave(G)
     stats["confidence_mean"] = float(confidence.mean())
     stats["confidence_wrong_mean"] = float(confidence[wrong].mean()) if wrong.any() else 0.0
+    stats["confidence_correct_mean"] = float(confidence[~wrong].mean()) if (~wrong).any() else 0.0
     stats["calibrated_reward_wrong_mean"] = float(calibrated[wrong].mean()) if wrong.any() else 0.0
     stats["advantage_abs_negative_groups"] = (
         float(advantages[negative].abs().mean()) if negative.any() else 0.0

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .checkpoint import (
-    CheckpointError, atomic_write_text, checkpoint_problem, quiet_transformers, resume_point,
-    save_checkpoint, save_model, set_rng_state,
+    atomic_write_text, latest_checkpoint, load_trainer_state, save_checkpoint, save_model,
+    set_rng_state,
 )
 from .config import TrainConfig, load_yaml
 from .data import Problem, PromptSampler, load_problems
@@ -31,9 +31,8 @@ from .warm_start import supervised_warm_start
 
 log = logging.getLogger("lens_kernels.train")
 
-# Options that may change between a run and its resumption (everything else must match);
-# run_dir, so that a run directory can be moved.
-RESUMABLE_CHANGES = ("steps", "progress", "eval_every", "save_every", "keep_checkpoints", "run_dir")
+# Options that may change between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = ("steps", "progress", "eval_every", "save_every", "keep_checkpoints")
 
 
 def seed_everything(seed: int) -> None:
@@ -50,12 +49,7 @@ def setup(config: TrainConfig) -> None:
 
 
 def load_policy(path, config: TrainConfig) -> Policy:
-    """The model and tokenizer of ``path``; a damaged local folder is named, not half-loaded."""
-    problem = checkpoint_problem(Path(path)) if Path(path).is_dir() else None
-    if problem:
-        raise CheckpointError(f"cannot load the model of {path}: {problem}")
-    with quiet_transformers():
-        return Policy.load(str(path), config.device, config.bf16, config.gradient_checkpointing)
+    return Policy.load(str(path), config.device, config.bf16, config.gradient_checkpointing)
 
 
 class Task:
@@ -140,8 +134,7 @@ def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verif
     ckpt_dir = out_dir / "checkpoints"
     for stale in ckpt_dir.glob(".*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    resume = resume_point(ckpt_dir)
-    ckpt = resume.path if resume else None
+    ckpt = latest_checkpoint(ckpt_dir)
     seed_everything(config.seed)
     policy = load_policy(ckpt or start, config)
     ref = None
@@ -159,7 +152,7 @@ def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verif
     sampler = PromptSampler(len(train.problems), config.seed)
     step = 0
     if ckpt is not None:
-        state = resume.state
+        state = load_trainer_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
         sampler = PromptSampler.from_state(state["sampler"])
         set_rng_state(state["rng"])
@@ -201,6 +194,16 @@ def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verif
     return metrics.records
 
 
+def level_accuracy(levels: Sequence[Optional[int]], statuses: Sequence[str], G: int) -> dict:
+    """``accuracy/level{L}``: the share of correct completions among the prompts of level L
+    (``levels`` has one entry per prompt, ``statuses`` G per prompt, in the same order)."""
+    correct: dict[int, list[int]] = {}
+    for i, level in enumerate(levels):
+        if level is not None:
+            correct.setdefault(level, []).extend(s == "correct" for s in statuses[i * G:(i + 1) * G])
+    return {f"accuracy/level{L}": sum(v) / len(v) for L, v in sorted(correct.items())}
+
+
 def train_step(step: int, config: TrainConfig, mode: str, policy: Policy, ref: Optional[Policy],
                engine, optimizer, verifier, task: Task, sampler: PromptSampler) -> dict:
     G = config.group_size
@@ -217,7 +220,9 @@ def train_step(step: int, config: TrainConfig, mode: str, policy: Policy, ref: O
     ref_lp = None if ref is None else ref.logprobs(rollout, config.temperature,
                                                    config.micro_batch_rows, config.loss_backend)
     t3 = clock()
-    stats = ppo_update(policy, optimizer, rollout, rewards, old, ref_lp, config, mode)
+    stats = ppo_update(policy, optimizer, rollout, rewards, old, ref_lp, config, mode,
+                       measure_grad_share=config.grad_share_every > 0
+                       and step % config.grad_share_every == 0)
     t4 = clock()
     engine.sync(policy.model)
     t5 = clock()
@@ -231,6 +236,7 @@ def train_step(step: int, config: TrainConfig, mode: str, policy: Policy, ref: O
         "negative_group_fraction": float((grouped.amax(1) == 0).float().mean()),
         "all_correct_group_fraction": float((grouped.amin(1) == 1).float().mean()),
         **stats,
+        **level_accuracy([task.problems[i].level for i in idx], statuses, G),
         "response_length": float(mask.sum(1).float().mean()),
         "sampler_logprob_gap": float(((rollout.sampler_logprobs - old).abs() * mask).sum()
                                      / mask.sum().clamp(min=1)),
