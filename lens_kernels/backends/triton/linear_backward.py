@@ -43,7 +43,7 @@ def _dz_kernel(
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dz,
     inv_t,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile_v, tile_n = grouped(tl.program_id(0), tl.cdiv(width, BLOCK_V), tl.cdiv(N, BLOCK_N), GROUP)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,9 +57,9 @@ def _dz_kernel(
         z = logits_tile(
             h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok & (cols < V), D,
             stride_hn, stride_hd, stride_wv, stride_wd, inv_t,
-            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST,
         )
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         target = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
         onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
         grad = (g * inv_t)[:, None] * (onehot - tl.exp(z - lse[:, None]))
@@ -109,10 +109,10 @@ def linear_logprobs_backward(
                 *hidden.stride(), *weight.stride(), dz.stride(0),
                 float(inv_temperature),
                 HAS_BIAS=bias is not None, BLOCK_N=blk.n, BLOCK_V=blk.v, BLOCK_K=blk.k,
-                GROUP=blk.group, PRECISION=blk.precision,
+                GROUP=blk.group, PRECISION=blk.precision, UPCAST=blk.upcast,
                 num_warps=blk.num_warps, num_stages=blk.num_stages,
             )
             accumulate_dh(dz, weight, grad_logp, acc, col0, cols, blk)
-        write_dw(dz, hidden, live, dw[col0:col0 + cols], None if dbias is None else dbias[col0:col0 + cols],
+        write_dw(dz, hidden, grad_logp, live, dw[col0:col0 + cols], None if dbias is None else dbias[col0:col0 + cols],
                  cols, blk)
     return acc.to(hidden.dtype), dw, dbias

@@ -37,7 +37,7 @@ def _partials_kernel(
     stride_hn, stride_hd, stride_wv, stride_wd,
     inv_t, splits, tiles_per_split,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     split, tile_n = grouped(tl.program_id(0), splits, tl.cdiv(N, BLOCK_N), GROUP)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,7 +52,7 @@ def _partials_kernel(
         z = logits_tile(
             h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
             stride_hn, stride_hd, stride_wv, stride_wd, inv_t,
-            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST,
         )
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # A tile of only -inf (past V) with nothing finite before it must not give -inf - -inf.
@@ -119,7 +119,7 @@ def linear_logprobs_forward(
         *hidden.stride(), *weight.stride(),
         float(inv_temperature), splits, blk.tiles_per_split,
         HAS_BIAS=bias is not None, BLOCK_N=blk.n, BLOCK_V=blk.v, BLOCK_K=blk.k,
-        GROUP=blk.group, PRECISION=blk.precision,
+        GROUP=blk.group, PRECISION=blk.precision, UPCAST=blk.upcast,
         num_warps=blk.num_warps, num_stages=blk.num_stages,
     )
     _merge_kernel[(triton.cdiv(rows, _MERGE_BLOCK),)](

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_tile import Blocks, grouped
+from .linear_tile import Blocks, dot, grouped
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _dh_kernel(
     N, D, col0, width,
     stride_dz, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile_d, tile_n = grouped(tl.program_id(0), tl.cdiv(D, BLOCK_D), tl.cdiv(N, BLOCK_N), GROUP)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,17 +51,17 @@ def _dh_kernel(
             a = tl.load(dz_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_cols + (col0 + k).to(tl.int64)[:, None] * stride_wv,
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = dot(a, b, acc, PRECISION, UPCAST)
         tl.store(out, acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _dw_kernel(
-    dz_ptr, h_ptr, live_ptr, count_ptr, dw_ptr, db_ptr,
+    dz_ptr, h_ptr, g_ptr, live_ptr, count_ptr, dw_ptr, db_ptr,
     N, D, width,
     stride_dz, stride_hn, stride_hd, stride_dwv, stride_dwd,
     HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile_d, tile_v = grouped(tl.program_id(0), tl.cdiv(D, BLOCK_D), tl.cdiv(width, BLOCK_V), GROUP)
     vs = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -74,11 +74,12 @@ def _dw_kernel(
     live = tl.load(count_ptr)
     for i in range(0, live):
         rows = tl.load(live_ptr + i).to(tl.int64) * BLOCK_K + ks
-        r_ok = rows < N
+        # Rows with g == 0 have dZ = 0; their hidden states are not read (they may be NaN).
+        r_ok = (rows < N) & (tl.load(g_ptr + rows, mask=rows < N, other=0.0) != 0)
         a = tl.load(dz_ptr + rows[None, :] * stride_dz + vs[:, None], mask=v_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(h_ptr + rows[:, None] * stride_hn + dcols.to(tl.int64)[None, :] * stride_hd,
                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = dot(a, b, acc, PRECISION, UPCAST)
         if HAS_BIAS:
             db += tl.sum(a.to(tl.float32), axis=1)
     out = dw_ptr + vs.to(tl.int64)[:, None] * stride_dwv + dcols[None, :] * stride_dwd
@@ -107,19 +108,19 @@ def accumulate_dh(dz: torch.Tensor, weight: torch.Tensor, grad_logp: torch.Tenso
     _dh_kernel[grid](
         dz, weight, grad_logp, acc, rows, dim, col0, width, dz.stride(0), *weight.stride(),
         BLOCK_N=blk.n, BLOCK_D=blk.d, BLOCK_K=blk.k, GROUP=blk.group, PRECISION=blk.precision,
-        num_warps=blk.num_warps, num_stages=blk.num_stages,
+        UPCAST=blk.upcast, num_warps=blk.num_warps, num_stages=blk.num_stages,
     )
 
 
-def write_dw(dz: torch.Tensor, hidden: torch.Tensor, live: tuple[torch.Tensor, torch.Tensor],
+def write_dw(dz: torch.Tensor, hidden: torch.Tensor, grad_logp: torch.Tensor, live: tuple[torch.Tensor, torch.Tensor],
              dw: torch.Tensor, dbias: Optional[torch.Tensor], width: int, blk: Blocks) -> None:
     """``dw = dz[:, :width].T @ hidden`` and ``dbias = dz[:, :width].sum(0)`` for one chunk
     (``dw [width, d]``, ``dbias [width]`` views of the full gradients)."""
     rows, dim = hidden.shape
     grid = (triton.cdiv(width, blk.v) * triton.cdiv(dim, blk.d),)
     _dw_kernel[grid](
-        dz, hidden, live[0], live[1], dw, dw if dbias is None else dbias,
+        dz, hidden, grad_logp, live[0], live[1], dw, dw if dbias is None else dbias,
         rows, dim, width, dz.stride(0), *hidden.stride(), *dw.stride(),
         HAS_BIAS=dbias is not None, BLOCK_V=blk.v, BLOCK_D=blk.d, BLOCK_K=blk.k,
-        GROUP=blk.group, PRECISION=blk.precision, num_warps=blk.num_warps, num_stages=blk.num_stages,
+        GROUP=blk.group, PRECISION=blk.precision, UPCAST=blk.upcast, num_warps=blk.num_warps, num_stages=blk.num_stages,
     )

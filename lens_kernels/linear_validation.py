@@ -1,0 +1,83 @@
+"""Argument checks of the fused-linear entry points: ``hidden``, ``weight``, ``bias``,
+``target_ids`` and the backend, each error naming the argument.  The loss options are checked
+by :mod:`lens_kernels.validation`, as for ``fused_lens_loss``."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import backends
+from .validation import ValueChecks
+
+LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LINEAR_BACKENDS = ("auto", "triton", "torch")
+
+
+class LinearShape(NamedTuple):
+    batch: int
+    length: int
+    dim: int
+    vocab: int
+
+
+def _is_tensor(name: str, value, form: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {form}, got {type(value).__name__}")
+    return value
+
+
+def check_linear(hidden, weight, bias, target_ids, checks: ValueChecks) -> LinearShape:
+    """``hidden [B, T, d]`` and ``weight [V, d]`` of one floating dtype (fp32, bf16, fp16; float64
+    for the torch backend) on one device, ``bias [V]`` of that dtype or None, ``target_ids
+    [B, T]`` int64 with ids in ``[0, V)`` (a value check, recorded in ``checks``)."""
+    _is_tensor("hidden", hidden, "[B, T, d]")
+    if hidden.dim() != 3 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden: expected shape [B, T, d] with d >= 1, got {list(hidden.shape)}")
+    if hidden.dtype not in LINEAR_DTYPES + (torch.float64,):
+        raise TypeError(f"hidden: expected dtype float32, bfloat16 or float16, got {hidden.dtype}")
+    batch, length, dim = hidden.shape
+    _is_tensor("weight", weight, "[V, d]")
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != dim:
+        raise ValueError(f"weight: expected shape [V, d] with V >= 1 and d = {dim} (hidden.shape[-1]), "
+                         f"got {list(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}; "
+                        "cast one of them (e.g. under autocast: weight.to(hidden.dtype))")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: expected a tensor on {hidden.device} (hidden's device), got {weight.device}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        _is_tensor("bias", bias, "[V] or None")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias: expected shape [{vocab}] (weight.shape[0]) or None, got {list(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias: expected a tensor on {hidden.device} (hidden's device), got {bias.device}")
+    _is_tensor("target_ids", target_ids, "[B, T] int64")
+    if tuple(target_ids.shape) != (batch, length):
+        raise ValueError(f"target_ids: expected shape {[batch, length]} (hidden.shape[:2]), got {list(target_ids.shape)}")
+    if target_ids.dtype != torch.int64:
+        raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
+    if target_ids.device != hidden.device:
+        raise ValueError(f"target_ids: expected a tensor on {hidden.device} (hidden's device), got {target_ids.device}")
+    outside = (target_ids < 0) | (target_ids >= vocab)
+    checks.add(outside.any(), lambda: f"target_ids: expected ids in [0, {vocab}) (V = weight.shape[0]), "
+                                      f"found {target_ids[outside][0].item()}")
+    return LinearShape(batch, length, dim, vocab)
+
+
+def check_linear_backend(backend, hidden: torch.Tensor) -> str:
+    """``"auto"`` (Triton on CUDA where it runs, torch otherwise and for float64), ``"triton"``
+    or ``"torch"``; there is no fused-linear ``"cuda"`` backend."""
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"backend: expected one of {list(LINEAR_BACKENDS)} for the fused-linear path, got {backend!r}")
+    if backend == "auto":
+        if hidden.dtype == torch.float64:
+            return "torch"
+        return backends.resolve("auto", hidden.device)
+    if backend == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("hidden: float64 is supported by backend='torch' only, got backend='triton'")
+    return backends.resolve(backend, hidden.device)
+

@@ -1,0 +1,200 @@
+"""``fused_linear_token_logprobs`` (both backends) against log-probs of the materialised
+``hidden @ weight.T + bias`` in float64: values, ``dh``, ``dW``, ``dbias``.
+
+Triton runs through the interpreter on the CPU (fp32 inputs compare at IEEE dot precision),
+so shapes are tiny but cross every tile, split and chunk boundary: N, d and V are not
+multiples of any block (the interpreter's blocks are 16 x 32 x 16).
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import lens_kernels as lk
+from lens_kernels import linear_ops
+from lens_kernels.backends import torch_linear
+from lens_kernels.linear_api import fused_linear_token_logprobs
+
+from .conftest import DEVICE, interpreting, runnable_backends
+from .tolerances import check
+
+BACKENDS = [b for b in runnable_backends() if b != "cuda"]
+
+
+def make_linear(batch=2, length=19, dim=41, vocab=203, *, bias=True, scale=1.0, offset=0.0, dtype=torch.float32,
+                seed=0, strided=False):
+    """``(hidden [B, T, d], weight [V, d], bias [V] or None, target_ids [B, T])``; logits have
+    roughly ``scale`` times unit spread around ``offset``.  ``strided``: hidden is the view
+    ``full[:, :-1]`` and weight the transpose of a ``[d, V]`` tensor (non-contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.randn(batch, length + 1, dim, generator=gen)
+    hidden = full[:, :-1] if strided else full[:, :-1].contiguous()
+    weight = torch.randn(dim, vocab, generator=gen).T * (scale / dim**0.5)
+    weight = weight if strided else weight.contiguous()
+    b = torch.randn(vocab, generator=gen) * scale * 0.3 + offset if bias else None
+    targets = torch.randint(0, vocab, (batch, length), generator=gen)
+    cast = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), targets.to(DEVICE)
+
+
+def materialised_logprobs(hidden, weight, bias, targets, temperature, compute_dtype=torch.float64):
+    """``log softmax`` of the materialised logits, in ``compute_dtype`` (float64: the gold;
+    the inputs' dtype: PyTorch's own result in that dtype)."""
+    z = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    if bias is not None:
+        z = z + bias.to(compute_dtype)
+    return lk.reference.token_logprobs(z, targets, temperature, compute_dtype)
+
+
+def logprobs_and_grads(fn, inputs, grad_out, **kwargs):
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs[:3]]
+    logp = fn(*leaves, inputs[3], **kwargs)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(logp, wanted, grad_outputs=grad_out.to(logp.dtype))
+    return logp, grads
+
+
+def compare(backend, inputs, temperature=1.0, grad_out=None, ulp_slack=0.0):
+    hidden, weight, bias, targets = inputs
+    dtype = hidden.dtype
+    if grad_out is None:
+        grad_out = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    before = [None if t is None else t.clone() for t in inputs]
+    logp, grads = logprobs_and_grads(
+        lambda h, w, b, t: fused_linear_token_logprobs(h, w, t, temperature, bias=b, backend=backend),
+        inputs, grad_out)
+    gold, gold_grads = logprobs_and_grads(
+        lambda h, w, b, t: materialised_logprobs(h, w, b, t, temperature), inputs, grad_out)
+    native, native_grads = (None, [None] * 3)
+    if dtype != torch.float32:
+        native, native_grads = logprobs_and_grads(
+            lambda h, w, b, t: materialised_logprobs(h, w, b, t, temperature, dtype), inputs, grad_out)
+    assert logp.dtype == torch.float32 and logp.shape == targets.shape
+    check("logp", logp, gold, native, dtype)
+    for name, value, expected, own in zip(("dh", "dW", "dbias"), grads, gold_grads, native_grads):
+        assert value.dtype == dtype
+        check(name, value, expected, own, dtype, ulp_slack)
+    for t, b in zip(inputs, before):
+        assert t is None or torch.equal(t, b), "an input was modified"
+    return logp, grads
+
+
+# id -> (make_linear options, temperature)
+CASES = {
+    "v1003-bias-tau0.7": (dict(vocab=1003), 0.7),
+    "no-bias-strided": (dict(bias=False, strided=True), 1.0),
+    "huge-peaked": (dict(scale=400.0), 1.3),
+    "all-negative": (dict(scale=3.0, offset=-200.0), 1.0),
+}
+
+
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_against_materialised_float64(backend, case):
+    options, temperature = CASES[case]
+    compare(backend, make_linear(**options), temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_no_worse_than_pytorch(backend):
+    slack = 1.0 if backend == "triton" and interpreting() else 0.0  # the interpreter truncates to bf16
+    compare(backend, make_linear(scale=4.0, dtype=torch.bfloat16), 1.0, ulp_slack=slack)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter, on the NaN rows' forward
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_with_zero_gradient_are_skipped_and_stay_zero(backend):
+    """g == 0 rows (masked positions, zero advantages) give dh = 0 exactly and add nothing to
+    dW, even when their target is the -100 label and their hidden state is not finite."""
+    hidden, weight, bias, targets = make_linear(batch=3, length=17)
+    grad_out = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grad_out[0] = 0  # a whole row block (16 rows) dead, the rest live
+    grad_out[2, 5:] = 0
+    live = grad_out != 0
+    targets = torch.where(live, targets, -100)
+    hidden = torch.where(live[..., None], hidden, float("nan"))
+    logp, (dh, dw, db) = logprobs_and_grads(
+        lambda h, w, b, t: linear_ops.linear_token_logprobs(h.view(-1, h.shape[-1]), w, b, t.view(-1), 1.0, backend),
+        (hidden, weight, bias, targets), grad_out.view(-1))
+    assert torch.equal(dh.view_as(hidden)[~live], torch.zeros_like(hidden[~live]))
+    gold, (_, gold_dw, gold_db) = logprobs_and_grads(
+        lambda h, w, b, t: materialised_logprobs(h, w, b, t, 1.0),
+        (hidden[live][None], weight, bias, targets[live][None]), grad_out[live][None])
+    check("logp", logp.view_as(targets)[live], gold[0], None, torch.float32)
+    check("dW", dw, gold_dw, None, torch.float32)
+    check("dbias", db, gold_db, None, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_vocabulary_chunks(backend, monkeypatch):
+    """The backward's vocabulary chunks (dZ scratch / column chunks) at their smallest."""
+    if backend == "triton":
+        from lens_kernels.backends.triton import linear_backward
+        monkeypatch.setattr(linear_backward, "SCRATCH_BYTES", 1)  # one 32-column tile per chunk
+    else:
+        monkeypatch.setattr(torch_linear, "MAX_COLS", 37)
+        monkeypatch.setattr(torch_linear, "CHUNK_BYTES", 3 * 37 * 4 * 5)  # 5 rows per rectangle
+    compare(backend, make_linear(batch=1, length=23, vocab=101), 0.9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    hidden, weight, bias, targets = make_linear(batch=2, length=0)
+    logp, (dh, dw, db) = logprobs_and_grads(
+        lambda h, w, b, t: fused_linear_token_logprobs(h, w, t, bias=b, backend=backend),
+        (hidden, weight, bias, targets), torch.zeros(2, 0, device=DEVICE))
+    assert logp.shape == (2, 0) and dh.shape == hidden.shape
+    assert torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0
+
+
+def test_float64_on_the_torch_backend_is_exact():
+    inputs = make_linear(dtype=torch.float64, vocab=57)
+    logp = fused_linear_token_logprobs(inputs[0], inputs[1], inputs[3], 0.8, bias=inputs[2], backend="torch")
+    assert logp.dtype == torch.float64
+    gold = materialised_logprobs(*inputs, 0.8)
+    assert torch.allclose(logp, gold, rtol=1e-12, atol=1e-12)
+    inputs = make_linear(batch=1, length=3, dim=4, vocab=7, dtype=torch.float64)
+    leaves = [t.detach().requires_grad_() for t in inputs[:3]]
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: fused_linear_token_logprobs(h, w, inputs[3], 0.8, bias=b, backend="torch"),
+        leaves, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_weight_gets_both_gradients(backend):
+    """An embedding and the output layer sharing one weight: autograd adds both gradients."""
+    hidden, weight, _, targets = make_linear(vocab=67)
+    weight = weight.detach().requires_grad_()
+    tied = torch.nn.functional.embedding(targets, weight)  # [B, T, d], the input side
+    logp = fused_linear_token_logprobs(hidden + tied, weight, targets, backend=backend)
+    (grad,) = torch.autograd.grad(logp.sum(), weight)
+    gold_weight = weight.detach().double().requires_grad_()
+    gold_hidden = hidden.double() + torch.nn.functional.embedding(targets, gold_weight)
+    gold = materialised_logprobs(gold_hidden, gold_weight, None, targets, 1.0)
+    (gold_grad,) = torch.autograd.grad(gold.sum(), gold_weight)
+    check("tied dW", grad, gold_grad, None, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(hidden=torch.zeros(2, 3)), ValueError, "hidden: expected shape [B, T, d]"),
+        (dict(weight=torch.zeros(5, 7)), ValueError, "weight: expected shape [V, d]"),
+        (dict(weight=torch.zeros(5, 4, dtype=torch.float16)), TypeError, "weight: expected the dtype of hidden"),
+        (dict(bias=torch.zeros(6)), ValueError, "bias: expected shape [5]"),
+        (dict(target_ids=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "target_ids: expected dtype int64"),
+        (dict(target_ids=torch.full((2, 3), 5)), ValueError, "target_ids: expected ids in [0, 5)"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(backend="cuda"), ValueError, "backend: expected one of"),
+    ],
+    ids=["hidden-2d", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend"],
+)
+def test_bad_arguments_are_named(change, error, message):
+    args = dict(hidden=torch.zeros(2, 3, 4), weight=torch.zeros(5, 4), target_ids=torch.zeros(2, 3, dtype=torch.int64),
+                temperature=1.0, bias=None, backend="torch")
+    args.update(change)
+    with pytest.raises(error, match=re.escape(message)):
+        fused_linear_token_logprobs(**args)
