@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .checkpoint import (
-    atomic_write_text, latest_checkpoint, load_trainer_state, save_checkpoint, save_model,
-    set_rng_state,
+    CheckpointError, atomic_write_text, checkpoint_problem, quiet_transformers, resume_point,
+    save_checkpoint, save_model, set_rng_state,
 )
 from .config import TrainConfig, load_yaml
 from .data import Problem, PromptSampler, load_problems
@@ -31,8 +31,9 @@ from .warm_start import supervised_warm_start
 
 log = logging.getLogger("lens_kernels.train")
 
-# Options that may change between a run and its resumption (everything else must match).
-RESUMABLE_CHANGES = ("steps", "progress", "eval_every", "save_every", "keep_checkpoints")
+# Options that may change between a run and its resumption (everything else must match);
+# run_dir, so that a run directory can be moved.
+RESUMABLE_CHANGES = ("steps", "progress", "eval_every", "save_every", "keep_checkpoints", "run_dir")
 
 
 def seed_everything(seed: int) -> None:
@@ -49,7 +50,12 @@ def setup(config: TrainConfig) -> None:
 
 
 def load_policy(path, config: TrainConfig) -> Policy:
-    return Policy.load(str(path), config.device, config.bf16, config.gradient_checkpointing)
+    """The model and tokenizer of ``path``; a damaged local folder is named, not half-loaded."""
+    problem = checkpoint_problem(Path(path)) if Path(path).is_dir() else None
+    if problem:
+        raise CheckpointError(f"cannot load the model of {path}: {problem}")
+    with quiet_transformers():
+        return Policy.load(str(path), config.device, config.bf16, config.gradient_checkpointing)
 
 
 class Task:
@@ -134,7 +140,8 @@ def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verif
     ckpt_dir = out_dir / "checkpoints"
     for stale in ckpt_dir.glob(".*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    ckpt = latest_checkpoint(ckpt_dir)
+    resume = resume_point(ckpt_dir)
+    ckpt = resume.path if resume else None
     seed_everything(config.seed)
     policy = load_policy(ckpt or start, config)
     ref = None
@@ -152,7 +159,7 @@ def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verif
     sampler = PromptSampler(len(train.problems), config.seed)
     step = 0
     if ckpt is not None:
-        state = load_trainer_state(ckpt)
+        state = resume.state
         optimizer.load_state_dict(state["optimizer"])
         sampler = PromptSampler.from_state(state["sampler"])
         set_rng_state(state["rng"])
