@@ -3,8 +3,9 @@
 With no arguments it runs the ``quick`` preset of the benchmark CLI on the best available
 device (8 prompts x 8 samples x 512 tokens, V=32000, bf16 on a GPU; 2 x 4 x 128, fp32 on the
 CPU) and prints forward and forward+backward time, peak memory and the error of the loss and
-gradient against the float64 reference, with the device and versions.  ``python -m
-lens_kernels bench [options]`` (or any option) is the full benchmark CLI (``--help``).
+gradient against the float64 reference, with the device and versions.  It writes no files
+(``--save`` writes JSON, markdown and PNG into ``--out``).  ``python -m lens_kernels bench
+[options]`` (or any option) is the full benchmark CLI (``--help``).
 """
 from __future__ import annotations
 

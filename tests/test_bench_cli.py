@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -138,6 +141,32 @@ def test_main_command_prints_table_with_device_and_versions(tmp_path, capsys, mo
     out = capsys.readouterr().out
     assert "fused-torch" in out and "reference-eager" in out and torch.__version__ in out and "Device:" in out
     assert not (tmp_path / "benchmarks").exists(), "the quick run writes no files unless asked"
+    assert "no files written (--save writes JSON, markdown and PNG into benchmarks/results)" in out
+
+
+def test_every_option_has_readable_help():
+    for default in ("quick", "sweep"):
+        actions = {a.dest: a for a in cli.parser("lens-bench", default)._actions}
+        for dest, action in actions.items():
+            assert action.help and "[" not in action.help, (dest, action.help)
+        assert f"{default} (default):" in actions["preset"].help and "issue" not in actions["preset"].help
+    assert actions["modes"].help.endswith(": lens, grpo")
+    assert "fp32, bf16, fp16" in actions["dtype"].help and "fused-torch, reference-eager" in actions["impl"].help
+
+
+def test_python_m_lens_kernels_prints_no_profiler_lines(tmp_path):
+    """The CPU memory measurement runs torch's profiler, whose kineto logs USDT lines at start
+    and stop unless KINETO_LOG_LEVEL is above them (read once per process: a subprocess)."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(lk.__file__)),
+                                         env.get("PYTHONPATH", "")])  # this lens_kernels
+    argv = TINY + ["--impl", "fused-torch", "--modes", "lens"]
+    done = subprocess.run([sys.executable, "-m", "lens_kernels", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "fused-torch" in done.stdout and "no files written" in done.stdout
+    assert "profiler_st" not in done.stderr + done.stdout, done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_targets_report_met_missed_and_not_measured():

@@ -1,11 +1,15 @@
 """``lens-bench`` / ``python -m lens_kernels bench``: the benchmark command line.
 
 Presets fix shapes, modes, implementations and timing; every option overrides its part.
-``quick`` is what ``python -m lens_kernels`` runs with no arguments.
+``quick`` is what ``python -m lens_kernels`` runs with no arguments; it prints its table and
+writes no files unless given ``--save`` (the other presets write JSON, markdown and a PNG into
+``--out``).  The CLI sets ``KINETO_LOG_LEVEL`` (unless set) so that the profiler measuring CPU
+memory prints none of its ``USDT: profiler_start/stop`` lines.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -16,7 +20,7 @@ import torch
 from . import report, runner, targets
 from .measure import Timer, copy_bandwidth, default_copy_bytes
 from .plot import plot
-from .plans import Preset, best_device, grid, preset
+from .plans import CPU_TARGET, H100_TARGET, PRESETS, Preset, best_device, grid, preset
 from .problems import DTYPES, shape_for_tokens
 from .registry import MODES, REGISTRY, select
 
@@ -25,33 +29,57 @@ def _list(kind):
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
-def parser(prog: str) -> argparse.ArgumentParser:
+def _names(values) -> str:
+    return ", ".join(values)
+
+
+def _shape(case: tuple) -> str:
+    dtype, vocab, tokens = case
+    return f"{dtype} V={vocab} N={tokens}"
+
+
+def _preset_help(default_preset: str) -> str:
+    """What each preset measures, with its shapes on the CPU and on a GPU."""
+    cpu, gpu = PRESETS["cpu"], PRESETS["cuda"]
+    lines = {
+        "quick": f"one small problem ({_shape(cpu['quick'].cases[0])} on the CPU, "
+                 f"{_shape(gpu['quick'].cases[0])} on a GPU), fused vs the eager reference; "
+                 "writes no files unless --save",
+        "sweep": "every vocabulary, token count and dtype of the device's plan",
+        "target": f"the one shape the performance targets are set for ({_shape(CPU_TARGET)} on "
+                  f"the CPU, {_shape(H100_TARGET)} on a GPU), with each target met or missed",
+        "suite": "the shapes of the pytest-benchmark suite in benchmarks/",
+    }
+    return "; ".join(f"{name}{' (default)' if name == default_preset else ''}: {text}"
+                     for name, text in lines.items())
+
+
+def parser(prog: str, default_preset: str = "sweep") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=(
         "Benchmark the fused LENS loss against the eager and compiled PyTorch reference and Liger-Kernel: "
         "forward and forward+backward time, peak memory, distance to the bandwidth floor, error against "
-        "the float64 reference."))
+        "the float64 reference.  Options left out take the preset's values."))
     p.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:1, cpu")
-    p.add_argument("--preset", choices=("quick", "sweep", "target", "suite"), default=None,
-                   help="quick: one small problem, fused vs eager reference; sweep (default): every vocabulary, "
-                        "token count and dtype of the device's plan; target: the shape of the issue's targets; "
-                        "suite: the shapes of the pytest-benchmark suite")
+    p.add_argument("--preset", choices=tuple(PRESETS["cpu"]), default=None, help=_preset_help(default_preset))
     p.add_argument("--vocab", type=_list(int), help="vocabulary sizes, comma-separated")
     p.add_argument("--tokens", type=_list(int), help="token counts N = B*T, comma-separated")
-    p.add_argument("--dtype", type=_list(str), help=f"logits dtypes from {list(DTYPES)}")
-    p.add_argument("--modes", type=_list(str), help=f"loss modes from {list(MODES)}")
-    p.add_argument("--impl", type=_list(str), help=f"implementations ('fused' = auto backend) from {list(REGISTRY)}")
+    p.add_argument("--dtype", type=_list(str), help=f"logits dtypes, comma-separated: {_names(DTYPES)}")
+    p.add_argument("--modes", type=_list(str), help=f"loss modes, comma-separated: {_names(MODES)}")
+    p.add_argument("--impl", type=_list(str), help="implementations, comma-separated ('fused' = the "
+                   f"auto backend): {_names(REGISTRY)}; --list says which run here")
     p.add_argument("--group-size", type=int, help="G, rows per prompt group")
     p.add_argument("--rows", type=int, help="B (default: two groups, more when T would exceed 4096)")
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--min-runs", type=int)
-    p.add_argument("--max-runs", type=int)
+    p.add_argument("--warmup", type=int, help="untimed calls before timing each measurement")
+    p.add_argument("--min-runs", type=int, help="fewest timed calls per measurement, even past --budget")
+    p.add_argument("--max-runs", type=int, help="most timed calls per measurement, even within --budget")
     p.add_argument("--budget", type=float, help="seconds of timed runs per measurement")
     p.add_argument("--copies", type=int, default=3, help="input copies rotated between runs (fewer if memory is short)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads); default: torch's own")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, markdown and PNG")
     p.add_argument("--name", help="file stem (default: <device>-<preset>)")
-    p.add_argument("--save", action=argparse.BooleanOptionalAction, default=None, help="write JSON/markdown/PNG")
+    p.add_argument("--save", action=argparse.BooleanOptionalAction, default=None,
+                   help="write JSON, markdown and PNG into --out (default: yes, except for the quick preset)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the PNG")
     p.add_argument("--list", action="store_true", help="list the implementations, whether each runs here, and exit")
     return p
@@ -86,7 +114,8 @@ def _shapes(plan: Preset, args: argparse.Namespace) -> list:
 
 def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_preset: str = "sweep") -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser(prog).parse_args(argv)
+    args = parser(prog, default_preset).parse_args(argv)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above USDT (5): no profiler_start/stop lines
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,10 +126,10 @@ def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_pre
     plan = preset(preset_name, device)
     for dtype in args.dtype or ():
         if dtype not in DTYPES:
-            raise SystemExit(f"--dtype: unknown {dtype!r}; known: {list(DTYPES)}")
+            raise SystemExit(f"--dtype: unknown {dtype!r}; known: {_names(DTYPES)}")
     for mode in args.modes or ():
         if mode not in MODES:
-            raise SystemExit(f"--modes: unknown {mode!r}; known: {list(MODES)}")
+            raise SystemExit(f"--modes: unknown {mode!r}; known: {_names(MODES)}")
     try:
         shapes = _shapes(plan, args)
         impls = select(args.impl or list(plan.impls), device)
@@ -125,4 +154,6 @@ def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_pre
         png = plot(records, args.out / f"{stem}.png", env["device"]) if args.plot else None
         paths = report.write(args.out, stem, records, env, computes, verdicts, png.name if png else None)
         print("\nwrote " + ", ".join(str(p) for p in paths + ([png] if png else [])))
+    else:
+        print(f"\nno files written (--save writes JSON, markdown and PNG into {args.out})")
     return 1 if any(r["status"] in ("failed-check", "error") for r in records) else 0
