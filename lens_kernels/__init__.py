@@ -7,6 +7,7 @@ from . import reference
 from .advantages import LensAdvantages, lens_advantages, lens_advantages_from_stats
 from .api import fused_lens_loss, token_logprobs
 from .backends import is_available
+from .linear_api import fused_linear_lens_loss, fused_linear_token_logprobs
 from .output import LensOutput
 
 __version__ = "0.1.0"
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "fused_lens_loss",
     "token_logprobs",
+    "fused_linear_lens_loss",
+    "fused_linear_token_logprobs",
     "lens_advantages",
     "lens_advantages_from_stats",
     "reference",

@@ -7,8 +7,12 @@ from typing import Optional
 import torch
 
 from . import linear_ops
-from .linear_validation import check_linear, check_linear_backend
-from .validation import ValueChecks, check_temperature
+from .backends import torch_backend
+from .linear_validation import check_linear, check_linear_backend, logits_stand_in
+from .output import LensOutput
+from .validation import ValueChecks, check_targets, check_temperature, validate_loss
+
+_FINITE_HINT = "; pass check_values=False to get a non-finite loss instead"
 
 
 def fused_linear_token_logprobs(
@@ -18,22 +22,25 @@ def fused_linear_token_logprobs(
     temperature: float = 1.0,
     bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     """``log softmax((hidden @ weight.T + bias) / temperature)[target]`` without the logits.
 
     ``hidden [B, T, d]`` (the last hidden states, already shifted so that ``hidden[b, t]``
     predicts ``target_ids[b, t]``), ``weight [V, d]`` and ``bias [V]`` (optional) of the same
     dtype (fp32, bf16 or fp16; float64 with ``backend="torch"``), ``target_ids [B, T]`` int64
-    -> ``[B, T]`` fp32 (float64 for float64 inputs).  Differentiable in ``hidden``, ``weight``
-    and ``bias``; under ``torch.no_grad()`` it is the sampler-side "old log-probs" pass.
+    in ``[0, V)`` -> ``[B, T]`` fp32 (float64 for float64 inputs).  Differentiable in
+    ``hidden``, ``weight`` and ``bias``; under ``torch.no_grad()`` it is the sampler-side
+    "old log-probs" pass.  ``check_values=False`` skips the id-range check (no host sync).
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
-    Memory: the forward keeps ``O(N)`` floats besides its inputs (plus ``O(N V / 2048)``
+    Memory: the forward keeps ``O(N)`` floats besides its inputs (plus ``3 N V / 2048`` fp32
     partials on Triton); the backward holds one vocabulary chunk of the logits' gradient at a
     time (at most 512 MiB on Triton) and an fp32 ``[N, d]`` accumulator.
     """
-    checks = ValueChecks()
-    batch, length, dim, _ = check_linear(hidden, weight, bias, target_ids, checks)
+    batch, length, dim, vocab = check_linear(hidden, weight, bias, target_ids)
+    checks = ValueChecks(check_values)
+    check_targets(target_ids, logits_stand_in(hidden, vocab), None, checks)
     temperature = check_temperature(temperature)
     backend = check_linear_backend(backend, hidden)
     checks.settle()
@@ -41,3 +48,65 @@ def fused_linear_token_logprobs(
         hidden.reshape(batch * length, dim), weight, bias, target_ids.reshape(-1), temperature, backend
     )
     return logp.view(batch, length)
+
+
+def fused_linear_lens_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    group_size: Optional[int] = None,
+    group_index: Optional[torch.Tensor] = None,
+    old_logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    mode: str = "lens",
+    alpha: float = 0.25,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    clip_ratio_c: Optional[float] = None,
+    temperature: float = 1.0,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    scale_by_std: bool = True,
+    std_eps: float = 1e-6,
+    length_gamma: Optional[float] = None,
+    backend: str = "auto",
+    check_values: bool = True,
+    advantages: Optional[torch.Tensor] = None,
+) -> LensOutput:
+    """``fused_lens_loss`` of the logits ``hidden @ weight.T + bias``, which are never made.
+
+    ``hidden [B, T, d]``, ``weight [V, d]``, ``bias [V]`` as in
+    :func:`fused_linear_token_logprobs`; every other argument, the options and the returned
+    :class:`LensOutput` are those of :func:`lens_kernels.fused_lens_loss` (there are no logits
+    to overwrite, so no ``inplace_backward``).  ``loss.backward()`` gives gradients to
+    ``hidden``, ``weight`` and ``bias``; a weight shared with the input embedding (tied
+    embeddings) receives both gradients through autograd.  ``logprobs`` is 0 at masked-out
+    positions.
+    """
+    batch, length, dim, vocab = check_linear(hidden, weight, bias, target_ids)
+    linear_backend = check_linear_backend(backend, hidden)
+    inputs, options, checks = validate_loss(
+        logits_stand_in(hidden, vocab), target_ids, completion_mask, rewards, group_size, group_index,
+        old_logprobs, ref_logprobs, advantages,
+        dict(beta=beta, mode=mode, alpha=alpha, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
+             temperature=temperature, loss_agg_mode=loss_agg_mode, scale_by_std=scale_by_std, std_eps=std_eps,
+             length_gamma=length_gamma, backend=linear_backend, inplace_backward=False, check_values=check_values),
+    )
+    logp = linear_ops.linear_token_logprobs(
+        hidden.reshape(batch * length, dim), weight, bias, target_ids.reshape(-1), options.temperature, linear_backend
+    ).view(batch, length)
+    work = logp.dtype
+    result = torch_backend.epilogue(
+        logp, logp.detach() if inputs.old is None else inputs.old.to(work), inputs.mask, inputs.rewards.to(work),
+        None if inputs.groups is None else inputs.groups.tensors(logp.device),
+        None if inputs.ref is None else inputs.ref.to(work), options,
+        None if inputs.advantages is None else inputs.advantages.to(work),
+    )
+    out = LensOutput.from_epilogue(result, torch.where(inputs.mask.bool(), logp, 0).detach())
+    checks.finite("hidden/weight", logp.detach(), inputs.mask, _FINITE_HINT)
+    checks.settle()
+    return out

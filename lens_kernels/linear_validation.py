@@ -8,7 +8,6 @@ from typing import NamedTuple
 import torch
 
 from . import backends
-from .validation import ValueChecks
 
 LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LINEAR_BACKENDS = ("auto", "triton", "torch")
@@ -27,10 +26,10 @@ def _is_tensor(name: str, value, form: str) -> torch.Tensor:
     return value
 
 
-def check_linear(hidden, weight, bias, target_ids, checks: ValueChecks) -> LinearShape:
+def check_linear(hidden, weight, bias, target_ids) -> LinearShape:
     """``hidden [B, T, d]`` and ``weight [V, d]`` of one floating dtype (fp32, bf16, fp16; float64
     for the torch backend) on one device, ``bias [V]`` of that dtype or None, ``target_ids
-    [B, T]`` int64 with ids in ``[0, V)`` (a value check, recorded in ``checks``)."""
+    [B, T]`` int64 (its id range is a value check, made with the loss's own checks)."""
     _is_tensor("hidden", hidden, "[B, T, d]")
     if hidden.dim() != 3 or hidden.shape[-1] < 1:
         raise ValueError(f"hidden: expected shape [B, T, d] with d >= 1, got {list(hidden.shape)}")
@@ -57,15 +56,20 @@ def check_linear(hidden, weight, bias, target_ids, checks: ValueChecks) -> Linea
             raise ValueError(f"bias: expected a tensor on {hidden.device} (hidden's device), got {bias.device}")
     _is_tensor("target_ids", target_ids, "[B, T] int64")
     if tuple(target_ids.shape) != (batch, length):
-        raise ValueError(f"target_ids: expected shape {[batch, length]} (hidden.shape[:2]), got {list(target_ids.shape)}")
+        raise ValueError(f"target_ids: expected shape {[batch, length]} (hidden.shape[:2]; hidden[b, t] predicts "
+                         f"target_ids[b, t]), got {list(target_ids.shape)}")
     if target_ids.dtype != torch.int64:
         raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
     if target_ids.device != hidden.device:
         raise ValueError(f"target_ids: expected a tensor on {hidden.device} (hidden's device), got {target_ids.device}")
-    outside = (target_ids < 0) | (target_ids >= vocab)
-    checks.add(outside.any(), lambda: f"target_ids: expected ids in [0, {vocab}) (V = weight.shape[0]), "
-                                      f"found {target_ids[outside][0].item()}")
     return LinearShape(batch, length, dim, vocab)
+
+
+def logits_stand_in(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A ``[B, T, V]`` tensor with hidden's dtype and device and no storage (one element,
+    expanded), so that the checks written for ``logits`` (target ids, mask, rewards, groups,
+    options) validate the fused-linear arguments unchanged."""
+    return hidden.new_empty(()).expand(hidden.shape[0], hidden.shape[1], vocab)
 
 
 def check_linear_backend(backend, hidden: torch.Tensor) -> str:

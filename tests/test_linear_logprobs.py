@@ -189,8 +189,9 @@ def test_tied_weight_gets_both_gradients(backend):
         (dict(target_ids=torch.full((2, 3), 5)), ValueError, "target_ids: expected ids in [0, 5)"),
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(backend="cuda"), ValueError, "backend: expected one of"),
+        (dict(target_ids=torch.zeros(3, 2, dtype=torch.int64)), ValueError, "target_ids: expected shape [2, 3]"),
     ],
-    ids=["hidden-2d", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend"],
+    ids=["hidden-2d", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend", "ids-shape"],
 )
 def test_bad_arguments_are_named(change, error, message):
     args = dict(hidden=torch.zeros(2, 3, 4), weight=torch.zeros(5, 4), target_ids=torch.zeros(2, 3, dtype=torch.int64),

@@ -12,10 +12,11 @@ the inputs' dtype, at most ``SCRATCH_BYTES``).  Per chunk, three launches:
    the logit tile (``linear_tile.logits_tile``), forms ``dZ`` in registers in fp32 and stores
    it rounded to the inputs' dtype (as PyTorch's own gradient of bf16 logits is);
    tiles whose rows all have ``g == 0`` (masked positions, zero-advantage rows, clipped tokens)
-   skip the GEMM and store zeros;
+   skip the GEMM and store zeros; with a bias, each tile also stores its fp32 column sums
+   (``dbias`` partials, one row per row tile, summed in order at the end);
 2. ``linear_grad_gemm.accumulate_dh``: ``dh_acc (fp32) += dZ @ W[chunk]``;
 3. ``linear_grad_gemm.write_dw``: ``dW[chunk] = dZ.T @ h`` reduced over all ``N`` in fp32 and
-   written once, with ``dbias[chunk]``.
+   written once.
 
 GEMMs: one in the forward, three here (four in all, ``8 N V d`` FLOPs with every row live).
 No atomics, no locks: every output element has one writer per launch and launches run in a
@@ -38,7 +39,7 @@ SCRATCH_BYTES = 512 * 2**20
 
 @triton.jit
 def _dz_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr, g_ptr, lse_ptr, dz_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, g_ptr, lse_ptr, dz_ptr, db_ptr,
     N, V, D, col0, width,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dz,
     inv_t,
@@ -67,6 +68,8 @@ def _dz_kernel(
         dz = tl.where((g != 0)[:, None], grad, 0.0)
     out = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + tile_n.to(tl.int64) * V + col0 + local, tl.sum(dz, axis=0), mask=col_ok)
 
 
 def chunk_width(rows: int, vocab: int, element_size: int, block_v: int) -> int:
@@ -96,7 +99,8 @@ def linear_logprobs_backward(
     blk = blocks_for(hidden.dtype, device)
     acc = torch.zeros((rows, dim), device=device, dtype=torch.float32)
     dw = torch.empty((vocab, dim), device=device, dtype=weight.dtype)
-    dbias = None if bias is None else torch.empty(vocab, device=device, dtype=bias.dtype)
+    db_parts = None if bias is None else torch.zeros((triton.cdiv(rows, blk.n), vocab), device=device,
+                                                     dtype=torch.float32)
     width = chunk_width(rows, vocab, hidden.element_size(), blk.v)
     dz = torch.empty((rows, width), device=device, dtype=hidden.dtype)
     live = live_row_blocks(grad_logp, blk.k)
@@ -105,6 +109,7 @@ def linear_logprobs_backward(
         if rows:
             _dz_kernel[(triton.cdiv(rows, blk.n) * triton.cdiv(cols, blk.v),)](
                 hidden, weight, weight if bias is None else bias, target_ids, grad_logp, lse, dz,
+                dz if db_parts is None else db_parts,
                 rows, vocab, dim, col0, cols,
                 *hidden.stride(), *weight.stride(), dz.stride(0),
                 float(inv_temperature),
@@ -113,6 +118,6 @@ def linear_logprobs_backward(
                 num_warps=blk.num_warps, num_stages=blk.num_stages,
             )
             accumulate_dh(dz, weight, grad_logp, acc, col0, cols, blk)
-        write_dw(dz, hidden, grad_logp, live, dw[col0:col0 + cols], None if dbias is None else dbias[col0:col0 + cols],
-                 cols, blk)
+        write_dw(dz, hidden, grad_logp, live, dw[col0:col0 + cols], cols, blk)
+    dbias = None if bias is None else db_parts.sum(0).to(bias.dtype)
     return acc.to(hidden.dtype), dw, dbias

@@ -8,15 +8,11 @@
   accumulator; each element has one owner per launch and chunks run in order, so the sum is
   deterministic.  Tiles whose rows all have ``g == 0`` are skipped (``dz`` is 0 there).
 * ``_dw_kernel``, grid over ``[BLOCK_V, BLOCK_D]`` tiles of ``dW[col0 : col0 + width]``:
-  ``dz.T @ h`` reduced over all ``N`` in fp32 registers and written once, in ``W``'s dtype;
-  ``dbias`` is the column sum of ``dz`` (fp32), written by the programs of the first ``d``
-  tile.  The reduction walks only the row blocks that hold a row with ``g != 0``: their
-  indices come first in ``live_blocks`` and ``live_count`` says how many (device values, no
-  host sync).
+  ``dz.T @ h`` reduced over all ``N`` in fp32 registers and written once, in ``W``'s dtype.
+  The reduction walks only the row blocks that hold a row with ``g != 0``: their indices come
+  first in ``live_blocks`` and ``live_count`` says how many (device values, no host sync).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
@@ -57,10 +53,10 @@ def _dh_kernel(
 
 @triton.jit
 def _dw_kernel(
-    dz_ptr, h_ptr, g_ptr, live_ptr, count_ptr, dw_ptr, db_ptr,
+    dz_ptr, h_ptr, g_ptr, live_ptr, count_ptr, dw_ptr,
     N, D, width,
     stride_dz, stride_hn, stride_hd, stride_dwv, stride_dwd,
-    HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile_d, tile_v = grouped(tl.program_id(0), tl.cdiv(D, BLOCK_D), tl.cdiv(width, BLOCK_V), GROUP)
@@ -70,7 +66,6 @@ def _dw_kernel(
     d_ok = dcols < D
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_V, BLOCK_D), tl.float32)
-    db = tl.zeros((BLOCK_V,), tl.float32)
     live = tl.load(count_ptr)
     for i in range(0, live):
         rows = tl.load(live_ptr + i).to(tl.int64) * BLOCK_K + ks
@@ -80,13 +75,8 @@ def _dw_kernel(
         b = tl.load(h_ptr + rows[:, None] * stride_hn + dcols.to(tl.int64)[None, :] * stride_hd,
                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         acc = dot(a, b, acc, PRECISION, UPCAST)
-        if HAS_BIAS:
-            db += tl.sum(a.to(tl.float32), axis=1)
     out = dw_ptr + vs.to(tl.int64)[:, None] * stride_dwv + dcols[None, :] * stride_dwd
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=v_ok[:, None] & d_ok[None, :])
-    if HAS_BIAS:
-        if tile_d == 0:
-            tl.store(db_ptr + vs, db.to(db_ptr.dtype.element_ty), mask=v_ok)
 
 
 def live_row_blocks(grad_logp: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,14 +103,14 @@ def accumulate_dh(dz: torch.Tensor, weight: torch.Tensor, grad_logp: torch.Tenso
 
 
 def write_dw(dz: torch.Tensor, hidden: torch.Tensor, grad_logp: torch.Tensor, live: tuple[torch.Tensor, torch.Tensor],
-             dw: torch.Tensor, dbias: Optional[torch.Tensor], width: int, blk: Blocks) -> None:
-    """``dw = dz[:, :width].T @ hidden`` and ``dbias = dz[:, :width].sum(0)`` for one chunk
-    (``dw [width, d]``, ``dbias [width]`` views of the full gradients)."""
+             dw: torch.Tensor, width: int, blk: Blocks) -> None:
+    """``dw = dz[:, :width].T @ hidden`` for one chunk (``dw [width, d]``, a view of the full
+    gradient)."""
     rows, dim = hidden.shape
     grid = (triton.cdiv(width, blk.v) * triton.cdiv(dim, blk.d),)
     _dw_kernel[grid](
-        dz, hidden, grad_logp, live[0], live[1], dw, dw if dbias is None else dbias,
+        dz, hidden, grad_logp, live[0], live[1], dw,
         rows, dim, width, dz.stride(0), *hidden.stride(), *dw.stride(),
-        HAS_BIAS=dbias is not None, BLOCK_V=blk.v, BLOCK_D=blk.d, BLOCK_K=blk.k,
+        BLOCK_V=blk.v, BLOCK_D=blk.d, BLOCK_K=blk.k,
         GROUP=blk.group, PRECISION=blk.precision, UPCAST=blk.upcast, num_warps=blk.num_warps, num_stages=blk.num_stages,
     )
