@@ -54,6 +54,15 @@ def test_every_field_is_a_flag_and_flags_round_trip():
     assert _parse(argv) == CUSTOM
 
 
+def test_help_shows_lists_as_they_are_typed():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert "embedded default 'lens,grpo'" in helps["modes"]
+    assert ": lens, grpo, lens-mixed-only, lens-negative-only (default 'lens'" in helps["modes"]
+    assert not [name for name, text in helps.items() if text and "[" in text]
+
+
 def test_precedence_defaults_toy_yaml_flags(tmp_path):
     no_args = _parse([])
     for name, value in TOY_DEFAULTS.items():

@@ -64,7 +64,8 @@ class TrainConfig:
     verify_timeout: float = _opt(10.0, "seconds per answer before its worker is killed")
     verify_workers: int = _opt(1, "verifier worker processes")
     # --- loss (passed to lens_kernels.fused_lens_loss) -------------------------------------
-    modes: list[str] = _opt(["lens"], "loss modes, each trained from the same start and seed")
+    modes: list[str] = _opt(["lens"], "loss modes, comma-separated, each trained from the same "
+                            f"start and seed: {', '.join(MODES)}")
     alpha: float = _opt(0.25, "weight of negative groups (LENS)")
     clip_low: float = _opt(0.2, "PPO clip below 1 (eps_low)")
     clip_high: float = _opt(0.2, "PPO clip above 1 (eps_high)")
@@ -105,7 +106,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for mode in self.modes:
             if mode not in MODES:
-                raise ValueError(f"modes: unknown mode {mode!r}; expected one of {MODES}")
+                raise ValueError(f"modes: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if len(set(self.modes)) != len(self.modes) or not self.modes:
             raise ValueError(f"modes: expected distinct modes, got {self.modes}")
         if self.group_size < 2:
@@ -221,6 +222,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"{name}: unsupported option type {hint}")
 
 
+def _as_flag(value: Any) -> Any:
+    """A default as it is written on the command line: lists comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
 def add_config_flags(parser: argparse.ArgumentParser, names: Optional[list[str]] = None) -> None:
     """One flag per field (``--group-size``), default unset so that only given flags override."""
     hints = typing.get_type_hints(TrainConfig)
@@ -229,11 +235,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Optional[list[str]]
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        shown = getattr(defaults, f.name)
-        if isinstance(shown, list):
-            shown = ",".join(map(str, shown))
-        help_text = f"{f.metadata['help']} (default {shown!r}" + (
-            f"; embedded default {TOY_DEFAULTS[f.name]!r})" if f.name in TOY_DEFAULTS else ")"
+        help_text = f"{f.metadata['help']} (default {_as_flag(getattr(defaults, f.name))!r}" + (
+            f"; embedded default {_as_flag(TOY_DEFAULTS[f.name])!r})" if f.name in TOY_DEFAULTS else ")"
         )
         help_text = help_text.replace("%", "%%")
         if hints[f.name] is bool:
