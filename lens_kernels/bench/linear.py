@@ -1,0 +1,160 @@
+"""The lm_head + loss benchmark rows: inputs ``hidden [B, T, d]`` and ``weight [V, d]`` and the
+implementations compared on them (issue 9).
+
+Every implementation maps a :class:`LinearInputs` to a 0-dim loss, differentiable in
+``hidden`` and ``weight``; all use the on-policy defaults (``old = logp.detach()``, temperature
+1, ``eps = 0.2``, no KL, ``seq-mean-token-mean``).  ``scripts/gpu_linear_bench.py`` checks and
+times them.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import lens_kernels as lk
+
+from ..testing import group_rewards
+
+LossFn = Callable[["LinearInputs"], torch.Tensor]
+
+
+@dataclass
+class LinearInputs:
+    """One problem: ``hidden`` and ``weight`` are leaves requiring grad."""
+
+    hidden: torch.Tensor  # [B, T, d]
+    weight: torch.Tensor  # [V, d]
+    target_ids: torch.Tensor  # [B, T] int64
+    completion_mask: torch.Tensor  # [B, T] bool
+    rewards: torch.Tensor  # [B] fp32 in {0, 1}
+    group_size: int
+
+    def loss_kwargs(self) -> dict:
+        return dict(target_ids=self.target_ids, completion_mask=self.completion_mask, rewards=self.rewards,
+                    group_size=self.group_size)
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """``(N, d, V)``."""
+        return self.target_ids.numel(), self.hidden.shape[-1], self.weight.shape[0]
+
+
+def make_linear_inputs(tokens: int, dim: int, vocab: int, dtype: torch.dtype, device, length: int = 512,
+                       group_size: int = 8, seed: int = 0) -> LinearInputs:
+    """``tokens = B * T`` rows (``T = length``): Gaussian hidden states and a weight scaled so
+    that the logits spread about 3 (like a trained model's), uniformly random targets, a prompt
+    prefix and a random completion end per row, rewards cycling through negative, mixed and
+    all-correct groups (so GRPO gives some groups zero advantage, as in real batches)."""
+    batch = tokens // length
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn((batch, length, dim), generator=gen, device=device, dtype=dtype)
+    weight = torch.randn((vocab, dim), generator=gen, device=device, dtype=dtype).mul_(3.0 / dim**0.5)
+    host = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, vocab, (batch, length), generator=host)
+    prompt = torch.randint(0, length // 3, (batch, 1), generator=host)
+    end = torch.randint(length // 2, length + 1, (batch, 1), generator=host)
+    positions = torch.arange(length)
+    mask = (positions >= prompt) & (positions < torch.maximum(end, prompt + 1))
+    rewards = group_rewards(batch // group_size, group_size, host)
+    return LinearInputs(hidden.requires_grad_(), weight.requires_grad_(), targets.to(device), mask.to(device),
+                        rewards.to(device), group_size)
+
+
+@dataclass(frozen=True)
+class LinearImpl:
+    name: str
+    computes: str
+    build: Callable[[str], LossFn]
+    unavailable: Callable[[torch.device], Optional[str]]
+    modes: tuple[str, ...] = ("lens", "grpo")
+    gemm_flops: str = "6NVd"  # the GEMMs it runs (nominal, every row)
+
+
+def _fused_linear(mode: str) -> LossFn:
+    return lambda x: lk.fused_linear_lens_loss(x.hidden, x.weight, **x.loss_kwargs(), mode=mode, backend="triton",
+                                               check_values=False).loss
+
+
+def _matmul_fused(mode: str) -> LossFn:
+    def run(x: LinearInputs) -> torch.Tensor:
+        logits = x.hidden @ x.weight.T
+        return lk.fused_lens_loss(logits, **x.loss_kwargs(), mode=mode, check_values=False).loss
+    return run
+
+
+def _grpo_advantages(x: LinearInputs) -> torch.Tensor:
+    r = x.rewards.view(-1, x.group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).reshape(-1)
+
+
+def _surrogate(logp: torch.Tensor, x: LinearInputs) -> torch.Tensor:
+    """On-policy GRPO clipped surrogate, seq-mean-token-mean, in PyTorch."""
+    adv = _grpo_advantages(x)[:, None]
+    ratio = torch.exp(logp - logp.detach())
+    pg = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    mask = x.completion_mask.to(pg.dtype)
+    per_row = (pg * mask).sum(1) / mask.sum(1).clamp(min=1)
+    rows = (mask.sum(1) > 0).to(pg.dtype)
+    return (per_row * rows).sum() / rows.sum().clamp(min=1)
+
+
+def _liger(mode: str) -> LossFn:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", chunk_size=4,
+                                       epsilon_low=0.2, epsilon_high=0.2, temperature=1.0)
+
+    def run(x: LinearInputs) -> torch.Tensor:
+        out = loss_fn(x.hidden, x.weight, x.target_ids, x.completion_mask.float(), _grpo_advantages(x))
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
+def _cce(mode: str) -> LossFn:
+    from cut_cross_entropy import linear_cross_entropy
+
+    def run(x: LinearInputs) -> torch.Tensor:
+        targets = torch.where(x.completion_mask, x.target_ids, -100)
+        nll = linear_cross_entropy(x.hidden, x.weight, targets, reduction="none")
+        return _surrogate(-nll.float(), x)
+    return run
+
+
+def _needs(module: str, device: torch.device, package: str) -> Optional[str]:
+    if device.type != "cuda":
+        return f"{package} runs Triton kernels: it needs a CUDA device"
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return f"{package} is not installed"
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # an installed package that does not import is a reason, not a crash
+        return f"{module} does not import: {type(err).__name__}: {err}"
+    return None
+
+
+def _triton_unavailable(device: torch.device) -> Optional[str]:
+    return None if lk.is_available("triton", device) else "the Triton backend needs a CUDA device"
+
+
+LINEAR_IMPLS = {
+    impl.name: impl for impl in (
+        LinearImpl("fused-linear-triton",
+                   "lk.fused_linear_lens_loss(backend='triton'): logits tiles recomputed, never stored; "
+                   "4 GEMMs (forward 1, backward 3) with row blocks of zero gradient skipped in the backward",
+                   _fused_linear, _triton_unavailable, gemm_flops="8NVd"),
+        LinearImpl("matmul+fused", "hidden @ weight.T (cuBLAS, [B,T,V] logits in the inputs' dtype) then "
+                   "lk.fused_lens_loss (auto backend); autograd does the two backward GEMMs",
+                   _matmul_fused, lambda device: None),
+        LinearImpl("liger-fused-linear-grpo", "Liger LigerFusedLinearGRPOLoss(loss_type='grpo', beta=0, "
+                   "chunk_size=4, compiled) with GRPO advantages computed in PyTorch",
+                   _liger, lambda device: _needs("liger_kernel.chunked_loss", device, "liger-kernel"),
+                   modes=("grpo",)),
+        LinearImpl("cut-cross-entropy", "cut_cross_entropy.linear_cross_entropy(reduction='none', default "
+                   "gradient filter) as -logp, then the on-policy GRPO surrogate in PyTorch",
+                   _cce, lambda device: _needs("cut_cross_entropy", device, "cut-cross-entropy"),
+                   modes=("grpo",), gemm_flops="8NVd"),
+    )
+}
