@@ -127,16 +127,22 @@ def test_a_failed_save_leaves_the_previous_checkpoints(ckpts, monkeypatch):
     assert ck.resume_point(ckpts).path == ckpts / "step_000002"
 
 
-def test_checkpoints_are_written_without_transformers_progress_bars(tmp_path, capfd):
+def test_checkpoints_are_written_and_read_without_transformers_progress_bars(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    from lens_kernels.train.config import TrainConfig
+    from lens_kernels.train.trainer import load_policy
+
     tok = build_toy_tokenizer()
     model = build_toy_model(tok, 16, 1, 2, seed=0)
     ck.save_checkpoint(tmp_path, 1, model, tok, torch.optim.SGD(model.parameters(), lr=1.0),
                        {"sampler": {}}, keep=1, config_yaml="")
     ck.save_model(tmp_path / "start", model, tok)
-    from transformers.utils import logging as hf_logging
-
-    assert hf_logging.is_progress_bar_enabled()  # restored after each save
-    assert "Writing model shards" not in capfd.readouterr().err
+    loaded = load_policy(tmp_path / "step_000001", TrainConfig(device="cpu", bf16=False))
+    assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight.to(loaded.device))
+    assert hf_logging.is_progress_bar_enabled()  # restored after each save and load
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err, err
 
 
 RUN = ["--steps", "2", "--save-every", "1", "--keep-checkpoints", "2", "--modes", "lens",
