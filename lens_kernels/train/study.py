@@ -261,7 +261,10 @@ def study_main(argv: Optional[Sequence[str]] = None) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             parser.error(f"another lens-study is running in {study_dir}")
-        units, config = plan(study_dir, seeds, modes, values)
+        try:
+            units, config = plan(study_dir, seeds, modes, values)
+        except ValueError as e:  # options that do not resolve, or differ from the saved ones
+            parser.error(str(e))
         say(f"lens-study {args.difficulty}: seeds {args.seeds} x modes {', '.join(modes)}, "
             f"{config.steps} RL steps each, {args.jobs} job(s); runs in {study_dir}")
         failed = []
