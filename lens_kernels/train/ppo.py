@@ -14,7 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .mechanism import negative_group_grad_share
-from .policy import Policy
+from .policy import Policy, linear_backend
 from .rollout import Rollout
 
 
@@ -79,13 +79,18 @@ def ppo_update(
 
     def forward(rows: torch.Tensor, rows_all: torch.Tensor):
         """The loss of ``rows`` and their share of the minibatch ``rows_all``'s loss."""
-        logits = policy.completion_logits(rollout, rows)
-        out = lk.fused_lens_loss(
-            logits, targets[rows], mask[rows], rewards[rows],
-            old_logprobs=old_logprobs[rows],
-            ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
-            **kwargs,
-        )
+        old, ref = old_logprobs[rows], None if ref_logprobs is None else ref_logprobs[rows]
+        if policy.fused_head_reason is None:  # hidden states and the lm_head weight, no logits
+            hidden, weight, bias = policy.completion_hidden(rollout, rows)
+            out = lk.fused_linear_lens_loss(
+                hidden, weight, targets[rows], mask[rows], rewards[rows], bias=bias, old_logprobs=old,
+                ref_logprobs=ref, **{**kwargs, "backend": linear_backend(kwargs["backend"])},
+            )
+        else:
+            logits = policy.completion_logits(rollout, rows)
+            out = lk.fused_lens_loss(
+                logits, targets[rows], mask[rows], rewards[rows], old_logprobs=old, ref_logprobs=ref, **kwargs,
+            )
         return out, _share(mask, rows, rows_all, config.loss_agg_mode)
 
     policy.model.train()
