@@ -1,280 +1,118 @@
 // The vocabulary pass (SPEC step 1) and its backward: one thread block per (b, t) row.
 //
-// Forward: an online logsumexp over the row (each thread keeps a running max and a sum of
-// exponentials, merged by warp shuffles and then across warps) plus the target logit, so a
-// row is read exactly once.  Backward: grad = grad_logp * inv_t * (onehot - exp(z - lse)),
-// recomputing the softmax from the saved lse.  Rows with stride_v == 1 are read (and written)
-// with 16-byte vectors from their first 16-byte boundary on, with scalar head and tail
-// elements; other rows use scalar accesses.  All offsets are 64-bit; arithmetic is fp32.
+// Forward: the online logsumexp of the row plus the target logit (vocab_row.cuh), so a row is
+// read exactly once; rows whose completion mask is 0 are not read (logp = lse = 0).  Backward:
+// grad = grad_logp * grad_scale * inv_t * (onehot - exp(z - lse)), recomputing the softmax
+// from the saved lse; rows with a zero coefficient get zeros without reading the logits.
 #include <cmath>
 
-#include "device_utils.cuh"
 #include "lens_kernels_cuda.h"
+#include "vocab_row.cuh"
 
 namespace lk {
 namespace {
 
-constexpr int kUnroll = 4;  // independent 16-byte loads in flight per thread
-
-// Running logsumexp of a set of values: max m and s = sum exp(z - m).  m == -inf means every
-// value so far was -inf (s is then 0, or NaN when a NaN was seen).
-struct Lse {
-  float m;
-  float s;
-};
-
-__device__ __forceinline__ Lse shfl_xor(Lse x, int offset) {
-  return {__shfl_xor_sync(kFullMask, x.m, offset), __shfl_xor_sync(kFullMask, x.s, offset)};
-}
-
-struct LseMerge {
-  __device__ Lse operator()(Lse a, Lse b) const {
-    const float m = fmaxf(a.m, b.m);
-    if (m == -INFINITY) return {m, a.s + b.s};
-    return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
-  }
-};
-
-__device__ __forceinline__ void lse_add(Lse& acc, float z) {
-  if (z > acc.m) {
-    acc.s = acc.s * expf(acc.m - z) + 1.f;
-    acc.m = z;
-  } else if (z != -INFINITY) {
-    acc.s += expf(z - acc.m);  // NaN z lands here and poisons s
-  }
-}
-
-// Adds N values with one rescale (fmaxf skips NaN; expf(NaN - m) then poisons the sum).
-template <int N>
-__device__ __forceinline__ void lse_add_chunk(Lse& acc, const float* z) {
-  float chunk_max = z[0];
-#pragma unroll
-  for (int i = 1; i < N; ++i) chunk_max = fmaxf(chunk_max, z[i]);
-  if (chunk_max > acc.m) {
-    acc.s *= expf(acc.m - chunk_max);
-    acc.m = chunk_max;
-  }
-  if (acc.m == -INFINITY) {  // only -inf and NaN so far: keep the NaN, add nothing
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (z[i] != z[i]) acc.s = z[i];
-    return;
-  }
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < N; ++i) sum += expf(z[i] - acc.m);
-  acc.s += sum;
-}
-
-// This thread's share of the logsumexp of z = x * inv_t over one row.
-template <typename T>
-__device__ Lse thread_lse(const T* x, int64_t vocab, int64_t stride_v, float inv_t) {
-  constexpr int kV = kVec<T>;
-  Lse acc{-INFINITY, 0.f};
-  const int64_t step = blockDim.x;
-  const int64_t head = stride_v == 1 ? head_to_alignment<T>(x, vocab) : vocab;
-  for (int64_t v = threadIdx.x; v < head; v += step) lse_add(acc, to_float(x[v * stride_v]) * inv_t);
-  if (head == vocab) return acc;
-
-  const T* body = x + head;
-  const int64_t num_vec = (vocab - head) / kV;
-  int64_t i = threadIdx.x;
-  for (; i + (kUnroll - 1) * step < num_vec; i += kUnroll * step) {
-    float z[kUnroll * kV];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) load_vec(body + (i + u * step) * kV, z + u * kV);
-#pragma unroll
-    for (int j = 0; j < kUnroll * kV; ++j) z[j] *= inv_t;
-    lse_add_chunk<kUnroll * kV>(acc, z);
-  }
-  for (; i < num_vec; i += step) {
-    float z[kV];
-    load_vec(body + i * kV, z);
-#pragma unroll
-    for (int j = 0; j < kV; ++j) z[j] *= inv_t;
-    lse_add_chunk<kV>(acc, z);
-  }
-  for (int64_t v = head + num_vec * kV + threadIdx.x; v < vocab; v += step) lse_add(acc, to_float(x[v]) * inv_t);
-  return acc;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     logprobs_forward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target,
-                            float* __restrict__ logp, float* __restrict__ lse, int64_t rows,
-                            int64_t length, int64_t vocab, int64_t stride_b, int64_t stride_t,
-                            int64_t stride_v, float inv_t) {
+                            const uint8_t* __restrict__ live, float* __restrict__ logp, float* __restrict__ lse,
+                            int64_t rows, int64_t length, int64_t vocab, int64_t stride_b, int64_t stride_t,
+                            int64_t stride_v, int64_t target_stride_b, int64_t target_stride_t,
+                            int64_t live_stride_b, int64_t live_stride_t, float inv_t) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / length;
-    const T* x = logits + b * stride_b + (row - b * length) * stride_t;
-    float z_target = NAN;  // an id outside [0, V) (never passed by lens_kernels) gives NaN
+    const int64_t t = row - b * length;
+    if (live != nullptr && live[b * live_stride_b + t * live_stride_t] == 0) {
+      if (threadIdx.x == 0) logp[row] = lse[row] = 0.f;
+      continue;
+    }
+    const T* x = logits + b * stride_b + t * stride_t;
+    float z_target;
+    const float row_lse_value =
+        row_lse(x, vocab, stride_v, inv_t, target[b * target_stride_b + t * target_stride_t], z_target);
     if (threadIdx.x == 0) {
-      const int64_t y = target[row];
-      if (y >= 0 && y < vocab) z_target = to_float(x[y * stride_v]) * inv_t;
-    }
-    const Lse acc = block_reduce(thread_lse(x, vocab, stride_v, inv_t), LseMerge{}, Lse{-INFINITY, 0.f});
-    if (threadIdx.x == 0) {
-      const float row_lse = acc.m + logf(acc.s);
-      lse[row] = row_lse;
-      logp[row] = z_target - row_lse;
+      lse[row] = row_lse_value;
+      logp[row] = z_target - row_lse_value;
     }
   }
-}
-
-// out[v] = scale * (1[v == target] - exp(x[v] * inv_t - lse)) for this thread's elements of
-// one row.  x and out may be the same row (in place): each element is read, then written, by
-// the same thread.  1 - p is exact in fp32 for p >= 1/2, so the target's gradient keeps the
-// precision of p.
-template <typename T>
-__device__ void thread_grad_row(const T* x, T* out, int64_t vocab, int64_t stride_v, int64_t out_stride_v,
-                                int64_t target, float scale, float inv_t, float row_lse) {
-  constexpr int kV = kVec<T>;
-  const int64_t step = blockDim.x;
-  const auto grad = [=](float logit, int64_t v) {
-    return scale * ((v == target ? 1.f : 0.f) - expf(logit * inv_t - row_lse));
-  };
-  const bool same_alignment = (reinterpret_cast<uintptr_t>(x) & 15) == (reinterpret_cast<uintptr_t>(out) & 15);
-  const int64_t head = (stride_v == 1 && out_stride_v == 1 && same_alignment) ? head_to_alignment<T>(x, vocab) : vocab;
-  for (int64_t v = threadIdx.x; v < head; v += step)
-    out[v * out_stride_v] = from_float<T>(grad(to_float(x[v * stride_v]), v));
-  if (head == vocab) return;
-
-  const T* body = x + head;
-  T* out_body = out + head;
-  const int64_t num_vec = (vocab - head) / kV;
-  int64_t i = threadIdx.x;
-  for (; i + (kUnroll - 1) * step < num_vec; i += kUnroll * step) {
-    float z[kUnroll * kV];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) load_vec(body + (i + u * step) * kV, z + u * kV);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int j = 0; j < kV; ++j) z[u * kV + j] = grad(z[u * kV + j], head + (i + u * step) * kV + j);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) store_vec(out_body + (i + u * step) * kV, z + u * kV);
-  }
-  for (; i < num_vec; i += step) {
-    float z[kV];
-    load_vec(body + i * kV, z);
-#pragma unroll
-    for (int j = 0; j < kV; ++j) z[j] = grad(z[j], head + i * kV + j);
-    store_vec(out_body + i * kV, z);
-  }
-  for (int64_t v = head + num_vec * kV + threadIdx.x; v < vocab; v += step) out[v] = from_float<T>(grad(to_float(x[v]), v));
-}
-
-template <typename T>
-__device__ void thread_zero_row(T* out, int64_t vocab, int64_t out_stride_v) {
-  constexpr int kV = kVec<T>;
-  const int64_t step = blockDim.x;
-  const int64_t head = out_stride_v == 1 ? head_to_alignment<T>(out, vocab) : vocab;
-  for (int64_t v = threadIdx.x; v < head; v += step) out[v * out_stride_v] = from_float<T>(0.f);
-  if (head == vocab) return;
-  const float zeros[kV] = {};
-  const int64_t num_vec = (vocab - head) / kV;
-  for (int64_t i = threadIdx.x; i < num_vec; i += step) store_vec(out + head + i * kV, zeros);
-  for (int64_t v = head + num_vec * kV + threadIdx.x; v < vocab; v += step) out[v] = from_float<T>(0.f);
 }
 
 // No __restrict__ on logits / grad: they are the same storage for the in-place backward.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    logprobs_backward_kernel(const float* __restrict__ grad_logp, const T* logits,
-                             const int64_t* __restrict__ target, const float* __restrict__ lse, T* grad,
-                             int64_t rows, int64_t length, int64_t vocab, int64_t stride_b,
-                             int64_t stride_t, int64_t stride_v, int64_t grad_stride_b,
-                             int64_t grad_stride_t, int64_t grad_stride_v, float inv_t) {
+    logprobs_backward_kernel(const float* __restrict__ grad_logp, const float* __restrict__ grad_scale,
+                             const T* logits, const int64_t* __restrict__ target, const float* __restrict__ lse,
+                             T* grad, int64_t rows, int64_t length, int64_t vocab, int64_t stride_b,
+                             int64_t stride_t, int64_t stride_v, int64_t target_stride_b, int64_t target_stride_t,
+                             int64_t grad_stride_b, int64_t grad_stride_t, int64_t grad_stride_v, float inv_t) {
+  const float scale = grad_scale == nullptr ? 1.f : *grad_scale;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / length;
     const int64_t t = row - b * length;
-    T* out = grad + b * grad_stride_b + t * grad_stride_t;
-    const float g = grad_logp[row];  // the same value in every thread: the branch is uniform
-    if (g == 0.f) {
-      thread_zero_row(out, vocab, grad_stride_v);
-      continue;
-    }
-    const T* x = logits + b * stride_b + t * stride_t;
-    thread_grad_row(x, out, vocab, stride_v, grad_stride_v, target[row], g * inv_t, inv_t, lse[row]);
+    const float g = grad_logp[row] * scale;  // the same value in every thread: the branch is uniform
+    thread_write_grad(logits + b * stride_b + t * stride_t, grad + b * grad_stride_b + t * grad_stride_t, vocab,
+                      stride_v, grad_stride_v, target[b * target_stride_b + t * target_stride_t], g * inv_t, inv_t,
+                      lse[row]);
   }
 }
 
 template <typename T>
 int launch_forward(const void* logits, int64_t batch, int64_t length, int64_t vocab, int64_t stride_b,
-                   int64_t stride_t, int64_t stride_v, const int64_t* target, float inv_t, float* logp,
-                   float* lse, cudaStream_t stream) {
+                   int64_t stride_t, int64_t stride_v, const int64_t* target, int64_t target_stride_b,
+                   int64_t target_stride_t, const uint8_t* live, int64_t live_stride_b, int64_t live_stride_t,
+                   float inv_t, float* logp, float* lse, cudaStream_t stream) {
   const int64_t rows = batch * length;
   const int threads = block_threads((vocab * static_cast<int64_t>(sizeof(T)) + 15) / 16);
   logprobs_forward_kernel<T><<<row_blocks(rows), threads, 0, stream>>>(
-      static_cast<const T*>(logits), target, logp, lse, rows, length, vocab, stride_b, stride_t, stride_v, inv_t);
+      static_cast<const T*>(logits), target, live, logp, lse, rows, length, vocab, stride_b, stride_t, stride_v,
+      target_stride_b, target_stride_t, live_stride_b, live_stride_t, inv_t);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
-int launch_backward(const float* grad_logp, const void* logits, int64_t batch, int64_t length, int64_t vocab,
-                    int64_t stride_b, int64_t stride_t, int64_t stride_v, const int64_t* target,
-                    const float* lse, float inv_t, void* grad, int64_t grad_stride_b, int64_t grad_stride_t,
-                    int64_t grad_stride_v, cudaStream_t stream) {
+int launch_backward(const float* grad_logp, const float* grad_scale, const void* logits, int64_t batch,
+                    int64_t length, int64_t vocab, int64_t stride_b, int64_t stride_t, int64_t stride_v,
+                    const int64_t* target, int64_t target_stride_b, int64_t target_stride_t, const float* lse,
+                    float inv_t, void* grad, int64_t grad_stride_b, int64_t grad_stride_t, int64_t grad_stride_v,
+                    cudaStream_t stream) {
   const int64_t rows = batch * length;
   const int threads = block_threads((vocab * static_cast<int64_t>(sizeof(T)) + 15) / 16);
   logprobs_backward_kernel<T><<<row_blocks(rows), threads, 0, stream>>>(
-      grad_logp, static_cast<const T*>(logits), target, lse, static_cast<T*>(grad), rows, length, vocab,
-      stride_b, stride_t, stride_v, grad_stride_b, grad_stride_t, grad_stride_v, inv_t);
+      grad_logp, grad_scale, static_cast<const T*>(logits), target, lse, static_cast<T*>(grad), rows, length, vocab,
+      stride_b, stride_t, stride_v, target_stride_b, target_stride_t, grad_stride_b, grad_stride_t, grad_stride_v,
+      inv_t);
   return static_cast<int>(cudaGetLastError());
 }
-
-bool bad_sizes(int64_t batch, int64_t length, int64_t vocab) { return batch < 0 || length < 0 || vocab < 1; }
 
 }  // namespace
 }  // namespace lk
 
 extern "C" int lk_logprobs_forward(const void* logits, int dtype, int64_t batch, int64_t length, int64_t vocab,
                                    int64_t stride_b, int64_t stride_t, int64_t stride_v, const int64_t* target,
-                                   float inv_temperature, float* logp, float* lse, void* stream) {
+                                   int64_t target_stride_b, int64_t target_stride_t, const uint8_t* live,
+                                   int64_t live_stride_b, int64_t live_stride_t, float inv_temperature,
+                                   float* logp, float* lse, void* stream) {
   if (lk::bad_sizes(batch, length, vocab)) return LK_ERROR_ARGUMENT;
   if (batch * length == 0) return 0;
   if (logits == nullptr || target == nullptr || logp == nullptr || lse == nullptr) return LK_ERROR_ARGUMENT;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case LK_FLOAT32:
-      return lk::launch_forward<float>(logits, batch, length, vocab, stride_b, stride_t, stride_v, target,
-                                       inv_temperature, logp, lse, s);
-    case LK_BFLOAT16:
-      return lk::launch_forward<__nv_bfloat16>(logits, batch, length, vocab, stride_b, stride_t, stride_v,
-                                               target, inv_temperature, logp, lse, s);
-    case LK_FLOAT16:
-      return lk::launch_forward<__half>(logits, batch, length, vocab, stride_b, stride_t, stride_v, target,
-                                        inv_temperature, logp, lse, s);
-    default:
-      return LK_ERROR_DTYPE;
-  }
+  LK_DISPATCH(dtype, lk::launch_forward<T>(logits, batch, length, vocab, stride_b, stride_t, stride_v, target,
+                                           target_stride_b, target_stride_t, live, live_stride_b, live_stride_t,
+                                           inv_temperature, logp, lse, s))
 }
 
-extern "C" int lk_logprobs_backward(const float* grad_logp, const void* logits, int dtype, int64_t batch,
-                                    int64_t length, int64_t vocab, int64_t stride_b, int64_t stride_t,
-                                    int64_t stride_v, const int64_t* target, const float* lse,
-                                    float inv_temperature, void* grad, int64_t grad_stride_b,
-                                    int64_t grad_stride_t, int64_t grad_stride_v, void* stream) {
+extern "C" int lk_logprobs_backward(const float* grad_logp, const float* grad_scale, const void* logits, int dtype,
+                                    int64_t batch, int64_t length, int64_t vocab, int64_t stride_b, int64_t stride_t,
+                                    int64_t stride_v, const int64_t* target, int64_t target_stride_b,
+                                    int64_t target_stride_t, const float* lse, float inv_temperature, void* grad,
+                                    int64_t grad_stride_b, int64_t grad_stride_t, int64_t grad_stride_v,
+                                    void* stream) {
   if (lk::bad_sizes(batch, length, vocab)) return LK_ERROR_ARGUMENT;
   if (batch * length == 0) return 0;
   if (grad_logp == nullptr || logits == nullptr || target == nullptr || lse == nullptr || grad == nullptr)
     return LK_ERROR_ARGUMENT;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case LK_FLOAT32:
-      return lk::launch_backward<float>(grad_logp, logits, batch, length, vocab, stride_b, stride_t, stride_v,
-                                        target, lse, inv_temperature, grad, grad_stride_b, grad_stride_t,
-                                        grad_stride_v, s);
-    case LK_BFLOAT16:
-      return lk::launch_backward<__nv_bfloat16>(grad_logp, logits, batch, length, vocab, stride_b, stride_t,
-                                                stride_v, target, lse, inv_temperature, grad, grad_stride_b,
-                                                grad_stride_t, grad_stride_v, s);
-    case LK_FLOAT16:
-      return lk::launch_backward<__half>(grad_logp, logits, batch, length, vocab, stride_b, stride_t, stride_v,
-                                         target, lse, inv_temperature, grad, grad_stride_b, grad_stride_t,
-                                         grad_stride_v, s);
-    default:
-      return LK_ERROR_DTYPE;
-  }
+  LK_DISPATCH(dtype, lk::launch_backward<T>(grad_logp, grad_scale, logits, batch, length, vocab, stride_b, stride_t,
+                                            stride_v, target, target_stride_b, target_stride_t, lse,
+                                            inv_temperature, grad, grad_stride_b, grad_stride_t, grad_stride_v, s))
 }

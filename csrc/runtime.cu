@@ -10,7 +10,7 @@ __global__ void probe_kernel() {}
 
 extern "C" int lk_abi_version(void) { return LK_ABI_VERSION; }
 
-extern "C" size_t lk_epilogue_config_size(void) { return sizeof(lk_epilogue_config); }
+extern "C" size_t lk_surrogate_config_size(void) { return sizeof(lk_surrogate_config); }
 
 extern "C" const char* lk_error_string(int code) {
   switch (code) {

@@ -29,7 +29,7 @@ class LensOptions:
 
     The math options are SPEC section 1's; ``backend`` is already resolved (never ``"auto"``);
     ``check_values`` says whether the checks that read tensor values (and sync the host) run.
-    Custom ops receive the record as its :meth:`key` string and rebuild it with
+    Custom ops receive the record as its ``key`` string and rebuild it with
     :meth:`from_key` (cached), so one object travels from the public function to the kernels.
     """
 
@@ -47,6 +47,11 @@ class LensOptions:
     backend: str = "torch"
     inplace_backward: bool = False
     check_values: bool = True
+    key: str = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        values = tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.init)
+        object.__setattr__(self, "key", _key(values))
 
     @property
     def inv_temperature(self) -> float:
@@ -62,17 +67,15 @@ class LensOptions:
         """Negative groups take their (de-meaned, ``alpha``-weighted) advantages from it."""
         return self.mode in ("lens", "lens-negative-only")
 
-    def key(self) -> str:
-        return _key(self)
-
     @staticmethod
     def from_key(key: str) -> "LensOptions":
         return _from_key(key)
 
 
-@functools.lru_cache(maxsize=256)
-def _key(options: LensOptions) -> str:
-    return json.dumps(dataclasses.astuple(options))
+@torch.compiler.assume_constant_result
+def _key(values: tuple) -> str:
+    """The options as a string (evaluated once and kept as a constant by ``torch.compile``)."""
+    return json.dumps(values)
 
 
 @functools.lru_cache(maxsize=256)

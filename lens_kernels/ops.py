@@ -131,9 +131,10 @@ def _groups(batch: int, sizes: list[int], order, start, size) -> Optional[GroupL
 
 
 def _flatten(result: kernel_loss.KernelLoss, like: Tensor) -> list[Tensor]:
-    empty = like.new_empty(0)
-    calibration = result.calibration if result.calibration is not None else (empty,) * 5
-    kl = result.kl if result.kl is not None else empty
+    calibration = result.calibration
+    if calibration is None:  # distinct empty tensors: outputs of a custom op may not alias
+        calibration = tuple(like.new_empty(0, dtype=torch.float32) for _ in range(5))
+    kl = result.kl if result.kl is not None else like.new_empty(0, dtype=torch.float32)
     return [result.loss, result.logp, *calibration, result.clip_fraction, kl]
 
 
@@ -210,22 +211,26 @@ def _(grad, grad_output):
 
 
 class LensLoss(torch.autograd.Function):
-    """The loss on a GPU backend, differentiable in ``logits`` (every other output detached)."""
+    """The loss on a GPU backend, differentiable in ``logits`` (every other output detached).
+
+    Takes plain values only (``torch.compile`` traces it): the custom-op arguments, whether the
+    one-pass path applies, and what the backward needs of the options."""
 
     @staticmethod
-    def forward(ctx, logits, target_ids, live, rewards, old, ref, advantages, groups, options: LensOptions):
-        group_args, key = _group_args(groups), options.key()
-        ctx.options, ctx.one_pass = options, kernel_loss.one_pass_applies(options, old is not None, advantages is not None)
-        if ctx.one_pass:
-            args = (logits, target_ids, live, rewards, old, ref, advantages, *group_args, key)
-            if options.inplace_backward:
+    def forward(ctx, logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes,
+                key: str, one_pass: bool, inplace: bool, inv_temperature: float, backend: str):
+        ctx.one_pass, ctx.inplace, ctx.inv_temperature, ctx.backend = one_pass, inplace, inv_temperature, backend
+        if one_pass:
+            args = (logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, key)
+            if inplace:
                 results = _loss_one_pass_inplace(*args)
                 grad = logits
             else:
                 *results, grad = _loss_one_pass(*args, True)
             ctx.save_for_backward(grad)
         else:
-            *results, lse, dlogp = _loss_two_pass(logits, target_ids, live, rewards, ref, *group_args, key)
+            *results, lse, dlogp = _loss_two_pass(
+                logits, target_ids, live, rewards, ref, order, start, size, group_sizes, key)
             ctx.save_for_backward(logits, target_ids, lse, dlogp)
         ctx.mark_non_differentiable(*results[1:])
         return tuple(results)
@@ -237,22 +242,22 @@ class LensLoss(torch.autograd.Function):
             _scale_rows(grad, grad_loss)
         else:
             logits, target_ids, lse, dlogp = ctx.saved_tensors
-            grad = _logprobs_grad(dlogp, logits, target_ids, lse, ctx.options.inv_temperature,
-                                  ctx.options.backend, ctx.options.inplace_backward, grad_loss)
-        return grad, None, None, None, None, None, None, None, None
+            grad = _logprobs_grad(dlogp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend, ctx.inplace,
+                                  grad_loss)
+        return (grad,) + (None,) * 15
 
 
 def kernel_loss_forward(logits, target_ids, live, rewards, old, ref, advantages, groups, options) -> dict:
     """The GPU-backend loss as a dict of :data:`_RESULTS` (None where absent)."""
-    if not logits.requires_grad and kernel_loss.one_pass_applies(options, old is not None, advantages is not None):
-        # nothing to differentiate: the one-pass kernel without its gradient writes
-        results = _loss_one_pass(logits, target_ids, live, rewards, old, ref, advantages, *_group_args(groups),
-                                 options.key(), False)
+    one_pass = kernel_loss.one_pass_applies(options, old is not None, advantages is not None)
+    args = (logits, target_ids, live, rewards, old, ref, advantages, *_group_args(groups), options.key)
+    if not logits.requires_grad and one_pass:  # nothing to differentiate: no gradient writes
+        results = _loss_one_pass(*args, False)
     else:
-        results = LensLoss.apply(logits, target_ids, live, rewards, old, ref, advantages, groups, options)
+        results = LensLoss.apply(*args, one_pass, options.inplace_backward, options.inv_temperature, options.backend)
     out = dict(zip(_RESULTS, results))
     if advantages is not None:
-        for name in ("advantages", "calibrated_rewards", "confidence", "difficulty", "negative_group_fraction"):
+        for name in ("calibrated_rewards", "confidence", "difficulty", "negative_group_fraction"):
             out[name] = None
         out["advantages"] = advantages.detach()
     if ref is None:

@@ -40,9 +40,12 @@ def token_logprobs(
     temperature: float = 1.0,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Step 1: ``log softmax(logits / tau)[target]``.  ``[B, T, V] -> [B, T]``."""
+    """Step 1: ``log softmax(logits / tau)[target]``.  ``[B, T, V] -> [B, T]``.  Ids outside
+    ``[0, V)`` (allowed at masked-out positions, e.g. the -100 label) are clamped: whatever
+    they give there is selected away by every later step."""
     z = logits.to(compute_dtype) / temperature
-    return z.log_softmax(-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+    ids = target_ids.clamp(0, logits.shape[-1] - 1)
+    return z.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
 def sequence_stats(old: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,10 @@ CASES = {
     "all-negative": (dict(rewards=torch.zeros(8)), {}),
     "all-positive": (dict(rewards=torch.ones(8)), {}),
     "fractional-rewards": (dict(rewards=torch.tensor([0.0, 0.5, 0.25, 1.0, 0.0, 0.0, 0.0, 0.0])), {}),
+    "grpo-on-policy": ({}, dict(mode="grpo")),
+    "given-advantages": (dict(off_policy=0.3), {}),
+    "given-advantages-on-policy": ({}, {}),
+    "labels-minus-100": (dict(empty_rows=1), {}),
     "group-index": (
         dict(batch=10, group_size=2),
         dict(group_index=torch.tensor([7, 3, 7, 9, 3, 9, 9, 7, 9, 9]), group_size=None),
@@ -41,7 +45,8 @@ CASES = {
 GROUP_INDEX_REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
 
 # The Triton interpreter is slow: on the CPU it runs the fp32 cases and a few others.
-INTERPRETER_CASES = {(c, "fp32") for c in CASES} | {("basic", "bf16"), ("empty-rows", "fp16"), ("v50257", "bf16")}
+INTERPRETER_CASES = {(c, "fp32") for c in CASES} | {("basic", "bf16"), ("empty-rows", "fp16"), ("v50257", "bf16"),
+                                                     ("off-policy-clipping", "bf16")}
 
 
 def _skip_slow(backend: str, case: str, dtype: str) -> None:
@@ -72,12 +77,20 @@ def run_and_compare(backend: str, dtype: torch.dtype, problem: dict, options: di
     check("loss", out.loss, gold.loss, native and native.loss, dtype)
     truncating = backend == "triton" and interpreting() and dtype == torch.bfloat16
     check("grad", grad, gold_grad, native_grad, dtype, ulp_slack=1.0 if truncating else 0.0)
+    live = kwargs["completion_mask"].bool()
+    if backend != "torch":  # the GPU backends never read masked-out rows: their log-probs are 0
+        assert torch.all(out.logprobs[~live] == 0), "logprobs: expected 0 at masked-out positions"
     for field in FIELDS:
         value, expected = getattr(out, field), getattr(gold, field)
         if expected is None:
             assert value is None, f"{field}: expected None"
             continue
-        check(field, value, expected, native and getattr(native, field), dtype)
+        if field == "logprobs":
+            value, expected = value[live], expected[live]
+            native_value = native and native.logprobs[live]
+        else:
+            native_value = native and getattr(native, field)
+        check(field, value, expected, native_value, dtype)
     assert torch.equal(logits.detach(), logits_before), "logits were modified"
     for key, value in before.items():
         assert torch.equal(kwargs[key], value), f"{key} was modified"
@@ -97,6 +110,14 @@ def test_case(backend, case, dtype):
     problem = make_problem(dtype=DTYPES[dtype], device=DEVICE, **problem_options)
     if case == "group-index":
         problem.pop("group_size")
+    if case.startswith("given-advantages"):
+        old = problem.get("old_logprobs")
+        source = old if old is not None else lk.token_logprobs(problem["logits"], problem["target_ids"])
+        given = lk.lens_advantages(source.detach().float(), problem["completion_mask"], problem["rewards"],
+                                   group_size=problem.pop("group_size"))
+        options = {**options, "advantages": given.advantages}
+    if case == "labels-minus-100":
+        problem["target_ids"] = problem["target_ids"].masked_fill(~problem["completion_mask"], -100)
     out = run_and_compare(backend, DTYPES[dtype], problem, options)
     if case.startswith("off-policy"):
         assert out.clip_fraction > 0, "the case was meant to make clipping active"

@@ -26,7 +26,7 @@ def log_pi(theta: torch.Tensor) -> torch.Tensor:
 
 def calibrated(pi: torch.Tensor, rewards: torch.Tensor, difficulty: float) -> torch.Tensor:
     """Eq. (10) for every answer, with the true difficulty ``D``."""
-    groups = contiguous_groups(ANSWERS, 1, pi.device)
+    groups = contiguous_groups(ANSWERS, 1).tensors(pi.device)
     d = torch.full((ANSWERS,), difficulty, dtype=torch.float64)
     return lk.reference.calibrated_rewards(pi, torch.ones_like(pi), rewards, d, groups)
 
@@ -94,7 +94,7 @@ def test_group_difficulty_is_the_overestimated_importance_sampling_estimate(rewa
     for a negative group; and the calibrated rewards then lie in ``[-1/G, 1]``."""
     r = torch.tensor(rewards, dtype=torch.float64)
     pi = torch.softmax(3 * torch.randn(ANSWERS, dtype=torch.float64), -1)
-    groups = contiguous_groups(ANSWERS, ANSWERS, pi.device)
+    groups = contiguous_groups(ANSWERS, ANSWERS).tensors(pi.device)
     difficulty = lk.reference.group_difficulty(pi, r, groups).item()
     peak = 2 * float(pi.max())
     expected = peak if r.sum() == 0 else max(ANSWERS / float((r / pi).sum()), peak)

@@ -46,6 +46,12 @@ def _scaled(chunk: torch.Tensor, dtype: torch.dtype, inv_temperature: float) -> 
     return chunk if inv_temperature == 1.0 else chunk * inv_temperature
 
 
+def _ids(target_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[.., 1]`` gather indices; ids outside ``[0, V)`` (e.g. -100 labels at masked-out
+    positions, whose values nothing reads) are clamped instead of failing the gather."""
+    return target_ids.clamp(0, vocab - 1).unsqueeze(-1)
+
+
 def logprobs_forward(logits, target_ids, inv_temperature):
     batch, length, vocab = logits.shape
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -54,7 +60,7 @@ def logprobs_forward(logits, target_ids, inv_temperature):
     for rows, cols in _chunks(batch, length, vocab):
         z = _scaled(logits[rows, cols], work, inv_temperature)
         lse[rows, cols] = torch.logsumexp(z, -1)
-        logp[rows, cols] = z.gather(-1, target_ids[rows, cols].unsqueeze(-1)).squeeze(-1) - lse[rows, cols]
+        logp[rows, cols] = z.gather(-1, _ids(target_ids[rows, cols], vocab)).squeeze(-1) - lse[rows, cols]
     return logp, lse
 
 
@@ -72,7 +78,7 @@ def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inpla
         chunk = out if out.dtype == lse.dtype and out.is_contiguous() else torch.empty_like(z)
         torch.sub(z, lse[rows, cols].unsqueeze(-1), out=chunk)
         chunk.exp_().mul_(-scale)
-        chunk.scatter_add_(-1, target_ids[rows, cols].unsqueeze(-1), scale)
+        chunk.scatter_add_(-1, _ids(target_ids[rows, cols], vocab), scale)
         chunk.masked_fill_(scale == 0, 0)
         if chunk is not out:
             out.copy_(chunk)

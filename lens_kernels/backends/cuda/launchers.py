@@ -14,8 +14,7 @@ from typing import Optional
 
 import torch
 
-from ...config import LENGTH_GAMMA_MIN_GAP, EpilogueResult, LossConfig
-from ...groups import GroupLayout
+from ...config import LensOptions
 from . import library
 
 
@@ -28,25 +27,52 @@ def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _require(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if tensor.dtype != dtype or not tensor.is_contiguous():
-        raise ValueError(f"{name}: the cuda launchers need a contiguous {dtype} tensor, got {tensor.dtype} "
-                         f"with strides {tensor.stride()}")
+def _require(name: str, tensor: torch.Tensor, dtype: torch.dtype, contiguous: bool = True) -> torch.Tensor:
+    if tensor.dtype != dtype or (contiguous and not tensor.is_contiguous()):
+        raise ValueError(f"{name}: the cuda launchers need a {'contiguous ' if contiguous else ''}{dtype} tensor, "
+                         f"got {tensor.dtype} with strides {tensor.stride()}")
     return tensor
 
 
+def _fp32(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An optional ``[B, T]`` float input as the kernels read it (converted only when it is
+    another dtype; the caller keeps the result alive until the launch)."""
+    return None if tensor is None else tensor.to(torch.float32)
+
+
+def _rows(tensor: Optional[torch.Tensor]) -> tuple:
+    """``(pointer, stride_b, stride_t)`` of a ``[B, T]`` input, or ``(None, 0, 0)``."""
+    if tensor is None:
+        return None, 0, 0
+    return (tensor.data_ptr(), *tensor.stride())
+
+
+def _config(options: LensOptions, has_ref: bool) -> library.SurrogateConfig:
+    return library.SurrogateConfig(
+        has_clip_ratio_c=int(options.clip_ratio_c is not None),
+        has_ref=int(has_ref),
+        add_kl=int(has_ref and options.beta > 0),
+        eps_low=options.eps_low,
+        eps_high=options.eps_high,
+        clip_ratio_c=options.clip_ratio_c or 0.0,
+        beta=options.beta,
+    )
+
+
 def logprobs_forward(
-    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float
+    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp, lse)``, both ``[B, T]`` fp32: one block per row, logits read once."""
+    """``(logp, lse)``, both ``[B, T]`` fp32: one block per row, logits read once; rows where
+    ``live`` (uint8 ``[B, T]``) is 0 are not read and get 0."""
     batch, length, vocab = logits.shape
-    _require("target_ids", target_ids, torch.int64)
+    _require("target_ids", target_ids, torch.int64, contiguous=False)
     logp = torch.empty((batch, length), dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     with _on_device(logits):
         code = library.load().lk_logprobs_forward(
             logits.data_ptr(), library.DTYPES[logits.dtype], batch, length, vocab, *logits.stride(),
-            target_ids.data_ptr(), float(inv_temperature), logp.data_ptr(), lse.data_ptr(), _stream(logits),
+            target_ids.data_ptr(), *target_ids.stride(), *_rows(live),
+            float(inv_temperature), logp.data_ptr(), lse.data_ptr(), _stream(logits),
         )
     library.check(code, "logprobs_forward")
     return logp, lse
@@ -59,91 +85,81 @@ def logprobs_backward(
     lse: torch.Tensor,
     inv_temperature: float,
     inplace: bool,
+    grad_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """d loss / d logits in ``logits.dtype``: a new contiguous tensor, or ``logits`` itself
-    overwritten when ``inplace``."""
+    """d loss / d logits in ``logits.dtype`` (``grad_logp * grad_scale``, the 0-dim scale read
+    on the device): a new contiguous tensor, or ``logits`` itself overwritten when ``inplace``."""
     batch, length, vocab = logits.shape
     _require("grad_logp", grad_logp, torch.float32)
-    _require("target_ids", target_ids, torch.int64)
+    _require("target_ids", target_ids, torch.int64, contiguous=False)
     _require("lse", lse, torch.float32)
+    scale = None if grad_scale is None else grad_scale.to(torch.float32)
     grad = logits if inplace else torch.empty((batch, length, vocab), dtype=logits.dtype, device=logits.device)
     with _on_device(logits):
         code = library.load().lk_logprobs_backward(
-            grad_logp.data_ptr(), logits.data_ptr(), library.DTYPES[logits.dtype], batch, length, vocab,
-            *logits.stride(), target_ids.data_ptr(), lse.data_ptr(), float(inv_temperature),
+            grad_logp.data_ptr(), None if scale is None else scale.data_ptr(), logits.data_ptr(),
+            library.DTYPES[logits.dtype], batch, length, vocab, *logits.stride(),
+            target_ids.data_ptr(), *target_ids.stride(), lse.data_ptr(), float(inv_temperature),
             grad.data_ptr(), *grad.stride(), _stream(logits),
         )
     library.check(code, "logprobs_backward")
     return grad
 
 
-def _config(cfg: LossConfig, has_ref: bool) -> library.EpilogueConfig:
-    return library.EpilogueConfig(
-        mode=library.MODES[cfg.mode],
-        loss_agg_mode=library.LOSS_AGG_MODES[cfg.loss_agg_mode],
-        scale_by_std=int(cfg.scale_by_std),
-        has_clip_ratio_c=int(cfg.clip_ratio_c is not None),
-        has_length_gamma=int(cfg.length_gamma is not None),
-        has_ref=int(has_ref),
-        alpha=cfg.alpha,
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        clip_ratio_c=cfg.clip_ratio_c or 0.0,
-        beta=cfg.beta,
-        std_eps=cfg.std_eps,
-        length_gamma=cfg.length_gamma or 0.0,
-        length_gamma_min_gap=LENGTH_GAMMA_MIN_GAP,
-    )
-
-
-def epilogue_forward(
+def token_loss(
     logp: torch.Tensor,
-    old: torch.Tensor,
-    mask: torch.Tensor,
-    rewards: torch.Tensor,
-    groups: GroupLayout,
+    old: Optional[torch.Tensor],
+    live: torch.Tensor,
     ref: Optional[torch.Tensor],
-    cfg: LossConfig,
-) -> EpilogueResult:
-    """SPEC steps 3-9 in five small kernels; returns the loss and ``dlogp = d loss / d logp``."""
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    options: LensOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dlogp [B, T] fp32, parts [3, B] float64)``: SPEC steps 8-9, one block per row."""
     batch, length = logp.shape
-    for name, tensor in (("logp", logp), ("old", old), ("mask", mask), ("rewards", rewards), ("ref", ref)):
-        if tensor is not None:
-            _require(name, tensor, torch.float32)
-    for name in ("order", "start", "size"):
-        _require(f"groups.{name}", getattr(groups, name), torch.int64)
-    lib = library.load()
-    device = logp.device
-    scalar = lambda: torch.empty((), dtype=torch.float32, device=device)  # noqa: E731
-    rows = lambda: torch.empty((batch,), dtype=torch.float32, device=device)  # noqa: E731
-    loss, negative_fraction, clip_fraction = scalar(), scalar(), scalar()
-    kl = scalar() if ref is not None else None
-    dlogp = torch.empty((batch, length), dtype=torch.float32, device=device)
-    advantages, calibrated, confidence = rows(), rows(), rows()
-    difficulty = torch.empty((groups.num_groups,), dtype=torch.float32, device=device)
-    workspace = torch.empty(
-        (lib.lk_epilogue_workspace_size(batch, groups.num_groups),), dtype=torch.float64, device=device
-    )
-    config = _config(cfg, ref is not None)
-    pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    _require("logp", logp, torch.float32)
+    _require("weights", weights, torch.float64, contiguous=False)
+    dlogp = torch.empty_like(logp)
+    parts = torch.empty((3, batch), dtype=torch.float64, device=logp.device)
+    config = _config(options, ref is not None)
+    old, ref, advantages = _fp32(old), _fp32(ref), advantages.to(torch.float64)
     with _on_device(logp):
-        code = lib.lk_epilogue_forward(
-            logp.data_ptr(), old.data_ptr(), mask.data_ptr(), pointer(ref), rewards.data_ptr(),
-            batch, length, groups.order.data_ptr(), groups.start.data_ptr(), groups.size.data_ptr(),
-            groups.num_groups, ctypes.byref(config),
-            loss.data_ptr(), dlogp.data_ptr(), advantages.data_ptr(), calibrated.data_ptr(),
-            confidence.data_ptr(), difficulty.data_ptr(), negative_fraction.data_ptr(),
-            clip_fraction.data_ptr(), pointer(kl), workspace.data_ptr(), _stream(logp),
+        code = library.load().lk_token_loss(
+            logp.data_ptr(), *_rows(old), *_rows(live), *_rows(ref), advantages.data_ptr(), advantages.stride(0),
+            weights.data_ptr(), batch, length, ctypes.byref(config), dlogp.data_ptr(), parts.data_ptr(),
+            _stream(logp),
         )
-    library.check(code, "epilogue_forward")
-    return EpilogueResult(
-        loss=loss,
-        dlogp=dlogp,
-        advantages=advantages,
-        calibrated_rewards=calibrated,
-        confidence=confidence,
-        difficulty=difficulty,
-        negative_group_fraction=negative_fraction,
-        clip_fraction=clip_fraction,
-        kl=kl,
-    )
+    library.check(code, "token_loss")
+    return dlogp, parts
+
+
+def fused_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    live: torch.Tensor,
+    old: Optional[torch.Tensor],
+    ref: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    grad: Optional[torch.Tensor],
+    options: LensOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [B, T] fp32, parts [3, B*T] float64)``, and d loss / d logits written into
+    ``grad`` (a new buffer or the logits; None: no gradient) in the same kernel."""
+    batch, length, vocab = logits.shape
+    _require("target_ids", target_ids, torch.int64, contiguous=False)
+    _require("weights", weights, torch.float64, contiguous=False)
+    logp = torch.empty((batch, length), dtype=torch.float32, device=logits.device)
+    parts = torch.empty((3, batch * length), dtype=torch.float64, device=logits.device)
+    config = _config(options, ref is not None)
+    old, ref, advantages = _fp32(old), _fp32(ref), advantages.to(torch.float64)
+    with _on_device(logits):
+        code = library.load().lk_fused_loss(
+            logits.data_ptr(), library.DTYPES[logits.dtype], batch, length, vocab, *logits.stride(),
+            target_ids.data_ptr(), *target_ids.stride(), *_rows(live), *_rows(old), *_rows(ref),
+            advantages.data_ptr(), advantages.stride(0), weights.data_ptr(), float(options.inv_temperature), ctypes.byref(config),
+            None if grad is None else grad.data_ptr(), *((0, 0, 0) if grad is None else grad.stride()),
+            logp.data_ptr(), parts.data_ptr(), _stream(logits),
+        )
+    library.check(code, "fused_loss")
+    return logp, parts

@@ -17,62 +17,52 @@ import torch
 
 LIBRARY_FILE = "liblens_kernels_cuda.so"
 LIBRARY_ENV = "LENS_KERNELS_CUDA_LIBRARY"
-ABI_VERSION = 1  # LK_ABI_VERSION
+ABI_VERSION = 2  # LK_ABI_VERSION
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # LK_FLOAT32 ...
-MODES = {"lens": 0, "grpo": 1, "lens-mixed-only": 2, "lens-negative-only": 3}  # LK_MODE_*
-LOSS_AGG_MODES = {  # LK_AGG_*
-    "seq-mean-token-mean": 0,
-    "token-mean": 1,
-    "seq-mean-token-sum": 2,
-    "seq-mean-token-sum-norm": 3,
-}
 
 
-class EpilogueConfig(ctypes.Structure):
-    """``lk_epilogue_config``."""
+class SurrogateConfig(ctypes.Structure):
+    """``lk_surrogate_config``."""
 
     _fields_ = [
-        ("mode", ctypes.c_int32),
-        ("loss_agg_mode", ctypes.c_int32),
-        ("scale_by_std", ctypes.c_int32),
         ("has_clip_ratio_c", ctypes.c_int32),
-        ("has_length_gamma", ctypes.c_int32),
         ("has_ref", ctypes.c_int32),
-        ("alpha", ctypes.c_double),
+        ("add_kl", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
         ("eps_low", ctypes.c_double),
         ("eps_high", ctypes.c_double),
         ("clip_ratio_c", ctypes.c_double),
         ("beta", ctypes.c_double),
-        ("std_eps", ctypes.c_double),
-        ("length_gamma", ctypes.c_double),
-        ("length_gamma_min_gap", ctypes.c_double),
     ]
 
 
 _PTR, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIZES_STRIDES = (_I64,) * 6  # batch, length, vocab, stride_b, stride_t, stride_v
+_ROWS = (_PTR, _I64, _I64)  # a strided [B, T] input: pointer, stride_b, stride_t
+_CONFIG = ctypes.POINTER(SurrogateConfig)
 
 SIGNATURES = {
     "lk_abi_version": (_INT, ()),
-    "lk_epilogue_config_size": (ctypes.c_size_t, ()),
+    "lk_surrogate_config_size": (ctypes.c_size_t, ()),
     "lk_error_string": (ctypes.c_char_p, (_INT,)),
     "lk_probe_device": (_INT, (_INT,)),
     "lk_logprobs_forward": (
         _INT,
-        (_PTR, _INT) + _SIZES_STRIDES + (_PTR, _F32, _PTR, _PTR, _PTR),
+        (_PTR, _INT) + _SIZES_STRIDES + _ROWS + _ROWS + (_F32, _PTR, _PTR, _PTR),
     ),
     "lk_logprobs_backward": (
         _INT,
-        (_PTR, _PTR, _INT) + _SIZES_STRIDES + (_PTR, _PTR, _F32, _PTR, _I64, _I64, _I64, _PTR),
+        (_PTR, _PTR, _PTR, _INT) + _SIZES_STRIDES + _ROWS + (_PTR, _F32, _PTR, _I64, _I64, _I64, _PTR),
     ),
-    "lk_epilogue_workspace_size": (_I64, (_I64, _I64)),
-    "lk_epilogue_forward": (
+    "lk_token_loss": (
         _INT,
-        (_PTR,) * 5  # logp, old, mask, ref, rewards
-        + (_I64, _I64, _PTR, _PTR, _PTR, _I64, ctypes.POINTER(EpilogueConfig))
-        + (_PTR,) * 9  # loss, dlogp, advantages, calibrated, confidence, difficulty, 3 metrics
-        + (_PTR, _PTR),  # workspace, stream
+        (_PTR,) + _ROWS * 3 + (_PTR, _I64, _PTR, _I64, _I64, _CONFIG, _PTR, _PTR, _PTR),
+    ),
+    "lk_fused_loss": (
+        _INT,
+        (_PTR, _INT) + _SIZES_STRIDES + _ROWS * 4 + (_PTR, _I64, _PTR, _F32, _CONFIG)
+        + (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR),
     ),
 }
 
@@ -100,8 +90,8 @@ def load() -> ctypes.CDLL:
         function.restype, function.argtypes = restype, list(argtypes)
     if lib.lk_abi_version() != ABI_VERSION:
         raise OSError(f"{path} has C ABI version {lib.lk_abi_version()}, this package needs {ABI_VERSION}: rebuild it")
-    if lib.lk_epilogue_config_size() != ctypes.sizeof(EpilogueConfig):
-        raise OSError(f"{path}: lk_epilogue_config layout differs from this package's: rebuild it")
+    if lib.lk_surrogate_config_size() != ctypes.sizeof(SurrogateConfig):
+        raise OSError(f"{path}: lk_surrogate_config layout differs from this package's: rebuild it")
     return lib
 
 
