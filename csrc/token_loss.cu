@@ -58,7 +58,8 @@ extern "C" int lk_token_loss(const float* logp, const float* old, int64_t old_st
   if (logp == nullptr || live == nullptr || advantages == nullptr || weights == nullptr || dlogp == nullptr ||
       parts == nullptr || (cfg->has_ref && ref == nullptr))
     return LK_ERROR_ARGUMENT;
-  token_loss_kernel<<<row_blocks(batch), block_threads(length), 0, static_cast<cudaStream_t>(stream)>>>(
+  const auto s = static_cast<cudaStream_t>(stream);
+  token_loss_kernel<<<row_blocks(batch), block_threads(length), 0, s>>>(
       logp, old, old_stride_b, old_stride_t, live, live_stride_b, live_stride_t, ref, ref_stride_b, ref_stride_t,
       advantages, adv_stride, weights, batch, length, *cfg, dlogp, parts);
   return static_cast<int>(cudaGetLastError());

@@ -19,9 +19,10 @@ import torch
 import lens_kernels as lk
 from lens_kernels import __main__ as main_module
 from lens_kernels.backends import torch_backend
-from lens_kernels.bench import check, cli, registry, runner, targets
+from lens_kernels.bench import check, cli, registry, runner, summary, targets
+from lens_kernels.bench.floors import floor_bytes, floors
 from lens_kernels.bench.measure import Timer, peak_bytes
-from lens_kernels.bench.problems import make_inputs, shape_for_tokens
+from lens_kernels.bench.problems import CLIP_MARGIN, make_inputs, off_policy_logprobs, shape_for_tokens
 
 CPU = torch.device("cpu")
 TINY = ["--device", "cpu", "--vocab", "1000", "--tokens", "64", "--group-size", "4", "--rows", "8",
@@ -99,12 +100,15 @@ def test_cpu_peak_memory_counts_allocations(monkeypatch):
 
 def test_registry_states_what_each_computes_and_why_not():
     names = set(registry.REGISTRY)
-    assert {"fused-triton", "fused-cuda", "fused-torch", "reference-eager", "reference-compiled", "liger-grpo"} <= names
+    assert {"fused-triton", "fused-cuda", "fused-torch", "reference-eager", "reference-compiled", "liger-grpo",
+            "liger-lens"} <= names
     for impl in registry.REGISTRY.values():
         assert len(impl.computes) > 60
-    liger = registry.REGISTRY["liger-grpo"]
-    assert "only mode" in liger.skip_reason(CPU, "lens")
-    assert "CUDA" in liger.skip_reason(CPU, "grpo") or "not installed" in liger.skip_reason(CPU, "grpo")
+    for name, mode, other in (("liger-grpo", "grpo", "lens"), ("liger-lens", "lens", "grpo")):
+        liger = registry.REGISTRY[name]
+        assert "only mode" in liger.skip_reason(CPU, other)
+        assert "CUDA" in liger.skip_reason(CPU, mode) or "not installed" in liger.skip_reason(CPU, mode)
+    assert "CUDA" in registry.REGISTRY["fused-triton"].skip_reason(CPU, "lens"), "never timed on the interpreter"
     assert registry.REGISTRY["fused-torch"].skip_reason(CPU, "lens") is None
     assert [i.name for i in registry.select(["fused", "reference-eager"], CPU)] == ["fused-torch", "reference-eager"]
     with pytest.raises(ValueError, match="unknown implementation"):
@@ -118,18 +122,24 @@ def test_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     payload = json.loads((tmp_path / "smoke.json").read_text())
     assert payload["environment"]["command"] == "lens-bench " + " ".join(argv)
     assert payload["environment"]["torch"] == torch.__version__ and payload["environment"]["copy_bandwidth_gbps"] > 0
-    by_key = {(r["impl"], r["mode"]): r for r in payload["results"]}
-    assert len(by_key) == 6
+    by_key = {(r["impl"], r["mode"], r["policy"]): r for r in payload["results"]}
+    assert len(by_key) == 12 and "partial" not in payload
     for impl in ("fused-torch", "reference-eager"):
         for mode in ("lens", "grpo"):
-            r = by_key[impl, mode]
-            assert r["status"] == "ok" and r["check_passed"] and r["grad_relative_error"] < 1e-5
-            assert r["fwd_median_ms"] > 0 and r["fwdbwd_median_ms"] > 0 and r["x_floor"] > 0
-            assert r["peak_extra_mb"] >= r["grad_mb"] > 0
-    assert by_key["liger-grpo", "lens"]["status"] == "skipped"
-    assert by_key["liger-grpo", "grpo"]["status"] == "skipped" and by_key["liger-grpo", "grpo"]["reason"]
+            for policy in ("on", "off"):
+                r = by_key[impl, mode, policy]
+                assert r["status"] == "ok" and r["check_passed"] and r["grad_relative_error"] < 1e-5
+                assert r["fwd_median_ms"] > 0 and r["fwdbwd_median_ms"] > 0
+                assert r["host_fwdbwd_median_ms"] == r["fwdbwd_median_ms"], "the CPU has nothing asynchronous"
+                assert r["x_floor_2pass"] > 0 and r["x_floor_1pass"] > r["x_floor_2pass"]
+                assert r["peak_extra_mb"] >= r["grad_mb"] > 0
+                assert (r["clip_fraction"] > 0) == (policy == "off")
+    for mode in ("lens", "grpo"):
+        assert by_key["liger-grpo", mode, "on"]["status"] == "skipped" and by_key["liger-grpo", mode, "on"]["reason"]
     md = (tmp_path / "smoke.md").read_text()
-    assert "| shape | mode | impl | fwd ms |" in md and "**liger-grpo**:" in md and "Copy bandwidth" in md
+    assert "| shape | policy | mode | impl | fwd ms |" in md and "**liger-grpo**:" in md and "Copy bandwidth" in md
+    compact = summary.summarize([tmp_path / "smoke.json"])
+    assert "floor 1p/2p" in compact and "torch" in compact and "eager" in compact and "lens-bench" in compact
     pytest.importorskip("matplotlib")
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fused-torch" in capsys.readouterr().out
@@ -170,12 +180,87 @@ def test_python_m_lens_kernels_prints_no_profiler_lines(tmp_path):
 
 
 def test_targets_report_met_missed_and_not_measured():
-    base = dict(mode="lens", dtype="fp32", vocab=32000, tokens=4096, status="ok")
+    base = dict(mode="lens", policy="on", dtype="fp32", vocab=32000, tokens=4096, status="ok")
     fused = dict(base, impl="fused-torch", fwdbwd_median_ms=90.0, peak_extra_mb=100.0, peak_extra_minus_grad_mb=5.0)
     eager = dict(base, impl="reference-eager", fwdbwd_median_ms=100.0, peak_extra_mb=500.0,
                  peak_extra_minus_grad_mb=400.0)
-    verdicts = {t["target"]: t["verdict"] for t in targets.evaluate([fused, eager], "cpu")}
-    assert list(verdicts.values()) == ["missed by 100%", "met", "met"]
+    verdicts = [t["verdict"] for t in targets.evaluate([fused, eager], "cpu")]
+    assert verdicts == ["missed by 100% (1 of 2 cases measured)", "met (1 of 2 cases measured)",
+                        "met (1 of 2 cases measured)"]
+    off = [dict(r, policy="off", fwdbwd_median_ms=r["fwdbwd_median_ms"] * k) for r, k in ((fused, 1.2), (eager, 1))]
+    worst = targets.evaluate([fused, eager, *off], "cpu")[2]
+    assert worst["verdict"] == "missed by 8%" and worst["worst_at"] == "V=32000 N=4096 fp32 off-policy lens"
     verdicts = targets.evaluate([fused, dict(eager, status="oom")], "cpu")
-    assert all(t["verdict"] == "not measured (reference-eager)" for t in verdicts)
+    assert all(t["verdict"] == "not measured (fused-torch, reference-eager)" for t in verdicts), "off: no runs"
     assert targets.evaluate([dict(fused, tokens=512)], "cpu") == []
+
+
+def test_gpu_targets_compare_with_liger_in_each_mode_over_the_sweep():
+    def rec(impl, mode, policy, ms, vocab=151936, tokens=16384):
+        return dict(impl=impl, mode=mode, policy=policy, dtype="bf16", vocab=vocab, tokens=tokens, status="ok",
+                    fwdbwd_median_ms=ms, host_fwdbwd_median_ms=0.1, x_floor_1pass=1.1, x_floor_2pass=1.0,
+                    peak_extra_minus_grad_mb=0.5)
+
+    records = [rec("fused-triton", "grpo", "off", 2.0), rec("liger-grpo", "grpo", "off", 3.0),
+               rec("fused-triton", "lens", "off", 2.0), rec("liger-lens", "lens", "off", 2.4),
+               rec("fused-triton", "grpo", "on", 1.0, vocab=32000, tokens=4096),
+               rec("liger-grpo", "grpo", "on", 0.9, vocab=32000, tokens=4096)]
+    by_text = {t["target"]: t for t in targets.evaluate(records, "cuda")}
+    speedup = by_text["triton: >= 1.3x faster than Liger (liger-grpo / liger-lens), off-policy"]
+    assert speedup["value"] == pytest.approx(1.2) and speedup["worst_at"].endswith("off-policy lens")
+    assert speedup["verdict"] == "missed by 8%"
+    never = by_text["triton: never slower than Liger, every bf16 sweep shape, mode and policy"]
+    assert never["value"] == pytest.approx(1 / 0.9) and never["measured"] == 3 and never["cases"] == 36
+    assert by_text["cuda: >= 1.3x faster than Liger (liger-grpo / liger-lens), off-policy"]["verdict"] == (
+        "not measured (fused-cuda)")
+
+
+def test_floors_count_the_mask():
+    x = tiny_inputs()
+    live, rows, row_bytes = int(x.completion_mask.sum()), 64, 1000 * 4
+    assert 0 < live < rows
+    assert floor_bytes(x, 2) == (2 * live + rows) * row_bytes and floor_bytes(x, 1) == (live + rows) * row_bytes
+    f = floors(x, bandwidth=1e9, fwdbwd_ms=2.0)
+    assert f["floor_1pass_ms"] == pytest.approx((live + rows) * row_bytes / 1e6)
+    assert f["x_floor_2pass"] == pytest.approx(2.0 / f["floor_2pass_ms"]) and f["mask_density"] == live / rows
+
+
+def test_off_policy_inputs_clip_some_tokens_but_none_near_the_edges():
+    x = tiny_inputs()
+    logp = check.gold_logprobs(x)
+    old = off_policy_logprobs(logp, x.completion_mask)
+    live = x.completion_mask
+    assert old.dtype == torch.float32 and torch.all(old[~live] == 0)
+    log_ratio = (logp - old.double())[live]
+    for edge in (math.log(0.8), math.log(1.2)):
+        assert (log_ratio - edge).abs().min() >= CLIP_MARGIN * 0.99
+    gold = check.gold(replace(x, old_logprobs=old), "lens", logp)
+    assert 0.01 < gold.clip_fraction < 0.5
+
+
+def test_time_limit_records_the_rest_as_skipped():
+    settings = runner.Settings(Timer(CPU, warmup=1, min_runs=2, max_runs=2), bandwidth=1e10, deadline=0.0)
+    shape = shape_for_tokens(64, 1000, torch.float32, group_size=4, rows=8)
+    records = runner.run([shape], ["lens"], [registry.REGISTRY["fused-torch"]], settings, policies=("on", "off"))
+    assert [(r["policy"], r["status"]) for r in records] == [("on", "skipped"), ("off", "skipped")]
+    assert "time limit" in records[0]["reason"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Liger's Triton kernels need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("policy", ["on", "off"])
+def test_liger_rows_pass_the_float64_gate(policy):
+    """liger-grpo and liger-lens compute exactly our loss (Liger's aggregation equals
+    seq-mean-token-mean here), checked like every timed row; on the CPU through the interpreter."""
+    pytest.importorskip("liger_kernel")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = make_inputs(shape_for_tokens(32, 512, torch.float32, group_size=4, rows=8), device)
+    logp = check.gold_logprobs(x)
+    if policy == "off":
+        x = replace(x, old_logprobs=off_policy_logprobs(logp, x.completion_mask))
+    for name, mode in (("liger-grpo", "grpo"), ("liger-lens", "lens")):
+        impl = registry.REGISTRY[name]
+        loss = impl.build(mode)(x)
+        (grad,) = torch.autograd.grad(loss, impl.leaf(x))
+        result = check.compare(loss, impl.logits_grad(grad), x, check.gold(x, mode, logp))
+        assert result.passed and result.grad_relative_error < 1e-5, (name, result)

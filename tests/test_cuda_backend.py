@@ -14,7 +14,6 @@ Cases that need GPU-sized inputs (64-bit offsets, ``T >= 65536``) are GPU-only.
 """
 from __future__ import annotations
 
-import itertools
 import re
 import shutil
 import subprocess
@@ -26,8 +25,6 @@ import torch
 from lens_kernels import reference
 from lens_kernels.backends import cuda as cuda_backend
 from lens_kernels.backends.cuda import library
-from lens_kernels.config import LOSS_AGG_MODES, MODES, LossConfig
-from lens_kernels.groups import contiguous_groups, indexed_groups
 
 from .tolerances import check
 
@@ -193,100 +190,6 @@ def test_non_finite_logits_poison_only_their_row(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# epilogue
-
-GROUP_INDEX = [7, 3, 7, 9, 3, 9, 9, 7, 9, 9]  # sizes 3, 2, 5, interleaved
-REWARDS = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5, 1.0, 1.0]  # mixed (fractional), negative, all-correct
-VARIANTS = {
-    "off-policy-dual-clip-kl": dict(
-        old_noise=0.5, ref=True, cfg=dict(clip_ratio_c=3.0, beta=0.1, eps_high=0.28)
-    ),
-    "on-policy-no-std": dict(old_noise=0.0, ref=False, cfg=dict(scale_by_std=False)),
-    # ratio == 1 == both clip bounds: clamp must pass the gradient at its bounds
-    "on-policy-clip-at-bounds": dict(old_noise=0.0, ref=False, cfg=dict(eps_low=0.0, eps_high=0.0)),
-    "length-gamma-kl-metric": dict(old_noise=0.3, ref=True, cfg=dict(length_gamma=0.3)),
-}
-
-
-def epilogue_inputs(device, batch=10, length=37, empty_rows=(2, 5), old_noise=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    logp = -torch.rand(batch, length, generator=gen) * 2
-    old = logp + old_noise * torch.randn(batch, length, generator=gen)
-    mask = (torch.rand(batch, length, generator=gen) < 0.7).float()
-    mask[list(empty_rows)] = 0.0
-    ref = logp + 0.3 * torch.randn(batch, length, generator=gen)
-    return [t.to(device) for t in (logp, old, mask, ref)]
-
-
-def compare_epilogue(logp, old, mask, rewards, groups, ref, cfg):
-    out = cuda_backend.epilogue_forward(logp, old, mask, rewards, groups, ref, cfg)
-    x = logp.double().requires_grad_()
-    gold = reference.epilogue(x, old.double(), mask, rewards.double(), groups, cfg,
-                              None if ref is None else ref.double())
-    (gold_dlogp,) = torch.autograd.grad(gold.loss, x)
-    check("loss", out.loss, gold.loss.detach(), None, torch.float32)
-    check("dlogp", out.dlogp, gold_dlogp, None, torch.float32)
-    for field in ("advantages", "calibrated_rewards", "confidence", "difficulty",
-                  "negative_group_fraction", "clip_fraction", "kl"):
-        value, expected = getattr(out, field), getattr(gold, field)
-        if expected is None:
-            assert value is None, f"{field}: expected None"
-        else:
-            assert value.dtype == torch.float32, field
-            check(field, value, expected.detach(), None, torch.float32)
-    return out
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("agg", LOSS_AGG_MODES)
-@pytest.mark.parametrize("mode", MODES)
-def test_epilogue(device, mode, agg, variant):
-    spec = VARIANTS[variant]
-    logp, old, mask, ref = epilogue_inputs(device, old_noise=spec["old_noise"])
-    if spec["old_noise"] == 0.0:
-        old = logp  # on-policy: ratio == 1 exactly, ties of min/clamp everywhere
-    groups = indexed_groups(torch.tensor(GROUP_INDEX, device=device))
-    cfg = LossConfig(mode=mode, loss_agg_mode=agg, **spec["cfg"])
-    rewards = torch.tensor(REWARDS, device=device)
-    out = compare_epilogue(logp, old, mask, rewards, groups, ref if spec["ref"] else None, cfg)
-    assert torch.equal(out.dlogp[mask == 0], torch.zeros_like(out.dlogp[mask == 0]))
-
-
-@pytest.mark.parametrize("length", [1, 3000], ids=["T1", "T3000"])
-def test_epilogue_contiguous_groups_and_lengths(device, length):
-    logp, old, mask, ref = epilogue_inputs(device, batch=8, length=length, empty_rows=(3,))
-    rewards = torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0], device=device)
-    for mode, agg in itertools.product(MODES, ("seq-mean-token-mean", "seq-mean-token-sum-norm")):
-        cfg = LossConfig(mode=mode, loss_agg_mode=agg, clip_ratio_c=2.0, beta=0.05)
-        compare_epilogue(logp, old, mask, rewards, contiguous_groups(8, 2, device), ref, cfg)
-
-
-def test_epilogue_all_rows_empty(device):
-    logp, old, _, ref = epilogue_inputs(device, batch=4, length=6, empty_rows=())
-    mask = torch.zeros_like(logp)
-    rewards = torch.tensor([0.0, 1.0, 0.0, 0.0], device=device)
-    for agg in LOSS_AGG_MODES:
-        cfg = LossConfig(loss_agg_mode=agg, beta=0.1)
-        out = compare_epilogue(logp, old, mask, rewards, contiguous_groups(4, 2, device), ref, cfg)
-        assert float(out.loss) == 0.0 and float(out.clip_fraction) == 0.0 and float(out.kl) == 0.0
-        assert torch.equal(out.confidence, torch.zeros_like(out.confidence))
-
-
-def test_epilogue_ignores_non_finite_values_at_masked_positions(device):
-    logp, old, mask, ref = epilogue_inputs(device, batch=4, length=9, empty_rows=(1,))
-    clean = [t.clone() for t in (logp, old, ref)]
-    hidden = mask == 0
-    for tensor, value in zip((logp, old, ref), (float("-inf"), float("nan"), float("inf"))):
-        tensor[hidden] = value
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0], device=device)
-    groups, cfg = contiguous_groups(4, 2, device), LossConfig(beta=0.1, clip_ratio_c=3.0)
-    out = cuda_backend.epilogue_forward(logp, old, mask, rewards, groups, ref, cfg)
-    gold = compare_epilogue(*clean[:2], mask, rewards, groups, clean[2], cfg)
-    for field in ("loss", "dlogp", "advantages", "confidence", "clip_fraction", "kl"):
-        assert torch.equal(getattr(out, field), getattr(gold, field)), field
-
-
-# ---------------------------------------------------------------------------------------------
 # GPU-sized cases
 
 
@@ -326,9 +229,6 @@ def test_gpu_long_sequences_and_large_vocabularies(gpu, vocab):
     grad_logp = torch.randn((2, length), device=device)
     grad = cuda_backend.logprobs_backward(grad_logp, logits, target, lse, 1.0, False)
     check("grad", grad, reference_grad(logits, target, 1.0, grad_logp, torch.float64), None, torch.float32)
-    mask = torch.ones((2, length), device=device)
-    groups, cfg = contiguous_groups(2, 2, device), LossConfig(mode="grpo")
-    compare_epilogue(logp, logp, mask, torch.tensor([1.0, 0.0], device=device), groups, None, cfg)
 
 
 @pytest.mark.gpu

@@ -15,8 +15,6 @@ pytest.importorskip("triton")
 from lens_kernels import reference  # noqa: E402
 from lens_kernels.backends import triton as triton_backend  # noqa: E402
 from lens_kernels.backends.triton import logprobs as triton_logprobs  # noqa: E402
-from lens_kernels.config import LOSS_AGG_MODES, MODES, LossConfig  # noqa: E402
-from lens_kernels.groups import contiguous_groups, indexed_groups  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -159,121 +157,6 @@ GROUP_LABEL_REWARDS = [0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.
 GARBAGE = 30.0  # what masked-out positions of logp/old/ref hold: must never reach an output
 
 
-def make_epilogue_inputs(rewards=REWARDS, length=7, off_policy=0.3, empty_rows=(4,), with_ref=False,
-                         group_labels=None, seed=0):
-    """``(logp, old, mask, rewards, groups, ref)`` as the launcher takes them (fp32)."""
-    gen = torch.Generator().manual_seed(seed)
-    batch = len(rewards)
-    logp = -torch.rand(batch, length, generator=gen) * 1.5 - 0.05
-    old = logp + off_policy * torch.randn(batch, length, generator=gen)
-    ref = logp + 0.3 * torch.randn(batch, length, generator=gen) if with_ref else None
-    starts = torch.randint(0, max(1, length // 3), (batch, 1), generator=gen)
-    ends = torch.randint(length // 2 + 1, length + 1, (batch, 1), generator=gen)
-    positions = torch.arange(length)
-    mask = (positions >= starts) & (positions < ends)
-    mask[list(empty_rows)] = False
-    for t in (logp, old, ref):
-        if t is not None:
-            t.masked_fill_(~mask, GARBAGE)
-    if group_labels is None:
-        groups = contiguous_groups(batch, 3, DEVICE)
-    else:
-        groups = indexed_groups(torch.tensor(group_labels, device=DEVICE))
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    return to(logp), to(old), to(mask.float()), torch.tensor(rewards, device=DEVICE), groups, to(ref)
-
-
-def run_epilogue(inputs, cfg):
-    """The Triton epilogue and the float64 reference (with ``dlogp`` from autograd)."""
-    logp, old, mask, rewards, groups, ref = inputs
-    out = triton_backend.epilogue_forward(logp, old, mask, rewards, groups, ref, cfg)
-    leaf = logp.double().requires_grad_()
-    gold = reference.epilogue(
-        leaf, old.double(), mask, rewards.double(), groups, cfg, None if ref is None else ref.double()
-    )
-    (dlogp,) = torch.autograd.grad(gold.loss, leaf)
-    return out, gold._replace(dlogp=dlogp)
-
-
-def check_epilogue(out, gold):
-    for field in out._fields:
-        value, expected = getattr(out, field), getattr(gold, field)
-        if expected is None:
-            assert value is None, f"{field}: expected None"
-            continue
-        assert value.dtype == torch.float32, f"{field}: {value.dtype}"
-        assert_close(field, value, expected)
-
-
-@pytest.mark.parametrize("agg", LOSS_AGG_MODES)
-@pytest.mark.parametrize("mode", MODES)
-def test_epilogue_modes_and_aggregations(mode, agg):
-    out, gold = run_epilogue(make_epilogue_inputs(), LossConfig(mode=mode, loss_agg_mode=agg))
-    check_epilogue(out, gold)
-
-
-# id -> (make_epilogue_inputs options, LossConfig options)
-EPILOGUE_CASES = {
-    "on-policy": (dict(off_policy=0.0), {}),
-    "clipping-active": (dict(off_policy=0.6), {}),
-    "asymmetric-clip": (dict(off_policy=0.6), dict(eps_low=0.1, eps_high=0.28)),
-    "dual-clip": (dict(off_policy=1.0), dict(clip_ratio_c=1.5)),
-    "kl-beta": (dict(with_ref=True), dict(beta=0.1)),
-    "kl-metric-only": (dict(with_ref=True), {}),
-    "no-std-scaling": ({}, dict(scale_by_std=False, loss_agg_mode="token-mean")),
-    "alpha-and-eps": ({}, dict(alpha=0.6, std_eps=1e-3)),
-    "length-gamma": ({}, dict(length_gamma=0.6)),
-    "length-gamma-clamped": ({}, dict(length_gamma=0.05)),
-    "all-negative": (dict(rewards=[0.0] * 12), {}),
-    "no-empty-rows": (dict(empty_rows=()), dict(loss_agg_mode="seq-mean-token-sum")),
-    "group-index": (dict(rewards=GROUP_LABEL_REWARDS, group_labels=GROUP_LABELS), {}),
-    "group-index-grpo": (dict(rewards=GROUP_LABEL_REWARDS, group_labels=GROUP_LABELS), dict(mode="grpo")),
-    "long-rows": (dict(rewards=REWARDS[:6], length=2100), dict(loss_agg_mode="token-mean")),
-    # Exact ties: ratio == 1 == both clip bounds (clamp passes the gradient at its bounds) ...
-    "tie-at-clip-bounds": (dict(off_policy=0.0), dict(eps_low=0.0, eps_high=0.0)),
-    # ... and the dual-clip cap equal to the loss (torch.minimum splits the gradient).
-    "tie-at-dual-clip-cap": (dict(off_policy=0.0), dict(clip_ratio_c=1.0)),
-}
-
-
-@pytest.mark.parametrize("case", list(EPILOGUE_CASES))
-def test_epilogue_cases(case):
-    input_options, cfg_options = EPILOGUE_CASES[case]
-    cfg = LossConfig(**cfg_options)
-    out, gold = run_epilogue(make_epilogue_inputs(**input_options), cfg)
-    check_epilogue(out, gold)
-    if case in ("clipping-active", "asymmetric-clip", "dual-clip"):
-        assert gold.clip_fraction > 0, "the case was meant to make clipping active"
-    if case == "dual-clip":
-        _, undual = run_epilogue(make_epilogue_inputs(**input_options), LossConfig())
-        assert gold.loss != undual.loss, "the case was meant to make the dual clip bind"
-    if case == "length-gamma-clamped":
-        assert (gold.confidence > cfg.length_gamma).any(), "the case was meant to clamp"
-    if case.startswith("tie"):
-        assert (out.dlogp != 0).any()
-
-
-def test_all_rows_empty_gives_zero_loss():
-    inputs = make_epilogue_inputs(empty_rows=range(12), with_ref=True)
-    out, gold = run_epilogue(inputs, LossConfig(beta=0.1))
-    check_epilogue(out, gold)
-    assert out.loss.item() == 0.0 and out.clip_fraction.item() == 0.0 and out.kl.item() == 0.0
-    assert torch.count_nonzero(out.dlogp) == 0 and torch.count_nonzero(out.confidence) == 0
-
-
-def test_non_finite_values_at_masked_positions_do_not_leak():
-    inputs = make_epilogue_inputs(with_ref=True)
-    cfg = LossConfig(beta=0.1, clip_ratio_c=2.0)
-    clean = triton_backend.epilogue_forward(*inputs[:5], inputs[5], cfg)
-    logp, old, mask, rewards, groups, ref = inputs
-    hidden = mask == 0
-    dirty = [t.masked_fill(hidden, value) for t, value in
-             ((logp, float("nan")), (old, float("inf")), (ref, float("-inf")))]
-    out = triton_backend.epilogue_forward(dirty[0], dirty[1], mask, rewards, groups, dirty[2], cfg)
-    for field in out._fields:
-        assert torch.equal(getattr(out, field), getattr(clean, field)), field
-
-
 # ---------------------------------------------------------------------------------------------
 # GPU only: sizes the interpreter cannot reach
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +211,6 @@ def test_gpu_long_sequence():
     grad = triton_backend.logprobs_backward(grad_logp, logits, target_ids, lse, 1.0, False)
     (gold_grad,) = torch.autograd.grad(gold_logp, leaf, grad_logp.double())
     assert_close("grad", grad, gold_grad)
-    inputs = make_epilogue_inputs(rewards=REWARDS[:6], length=65536, off_policy=0.3, with_ref=True)
-    check_epilogue(*run_epilogue(inputs, LossConfig(beta=0.05, loss_agg_mode="token-mean")))
 
 
 @gpu

@@ -22,7 +22,7 @@ def _scale_rows_kernel(
     if g != 1.0:
         lanes = tl.arange(0, BLOCK)
         for row in range(tl.program_id(0), rows, tl.num_programs(0)):
-            row64 = row.to(tl.int64)
+            row64 = row + tl.zeros((), tl.int64)  # 64-bit offsets (a plain int in the interpreter)
             b = row64 // T
             base = grad_ptr + b * stride_b + (row64 - b * T) * stride_t
             for start in range(0, V, BLOCK):
