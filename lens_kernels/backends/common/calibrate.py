@@ -29,6 +29,9 @@ from ...groups import GroupLayout
 # scratch rows ([4, B] float64) and batch scalars ([4] float64)
 N_ROW, PIBAR_ROW, ADV_ROW, WEIGHT_ROW = range(4)
 TOKENS, LIVE_ROWS = range(2)
+# the same, as constants a kernel can read
+_N, _PIBAR, _ADV, _WEIGHT = (tl.constexpr(i) for i in range(4))
+TOKENS_C, LIVE_ROWS_C = tl.constexpr(TOKENS), tl.constexpr(LIVE_ROWS)
 
 
 @triton.jit
@@ -44,10 +47,10 @@ def _calibrate_kernel(
     USE_GAMMA: tl.constexpr, AGG: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_GRP: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    n_ptr = scratch_ptr + N_ROW * B
-    pibar_ptr = scratch_ptr + PIBAR_ROW * B
-    adv_ptr = scratch_ptr + ADV_ROW * B
-    weight_ptr = scratch_ptr + WEIGHT_ROW * B
+    n_ptr = scratch_ptr + _N * B
+    pibar_ptr = scratch_ptr + _PIBAR * B
+    adv_ptr = scratch_ptr + _ADV * B
+    weight_ptr = scratch_ptr + _WEIGHT * B
 
     # 1. rows
     tokens = tl.zeros((), tl.float64)
@@ -159,8 +162,8 @@ def _calibrate_kernel(
         tl.store(weight_ptr + rows, weight, mask=in_rows)
 
     # 4. batch scalars
-    tl.store(totals_ptr + TOKENS, tokens)
-    tl.store(totals_ptr + LIVE_ROWS, live_rows)
+    tl.store(totals_ptr + TOKENS_C, tokens)
+    tl.store(totals_ptr + LIVE_ROWS_C, live_rows)
 
 
 class Calibration(NamedTuple):

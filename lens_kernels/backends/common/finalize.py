@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .calibrate import TOKENS
+from .calibrate import TOKENS_C
 
 _BLOCK = 1024
 
@@ -25,7 +25,7 @@ def _finalize_kernel(parts_ptr, totals_ptr, loss_ptr, clip_ptr, kl_ptr, P, HAS_R
         clipped += tl.load(parts_ptr + P + offs, mask=inside, other=0.0)
         if HAS_REF:
             k3 += tl.load(parts_ptr + 2 * P + offs, mask=inside, other=0.0)
-    tokens = tl.maximum(tl.load(totals_ptr + TOKENS), 1.0)
+    tokens = tl.maximum(tl.load(totals_ptr + TOKENS_C), 1.0)
     tl.store(loss_ptr, tl.sum(loss, axis=0).to(tl.float32))
     tl.store(clip_ptr, (tl.sum(clipped, axis=0) / tokens).to(tl.float32))
     if HAS_REF:
