@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from .. import reference
-from ..config import LossConfig
+from ..config import LensOptions
 from .problems import Inputs
 
 CHUNK_BYTES = 256 * 2**20
@@ -53,20 +53,23 @@ def gold_logprobs(inputs: Inputs) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Gold:
-    """The float64 loss and ``d loss / d logp`` for one problem and mode."""
+    """The float64 loss, ``d loss / d logp`` and clip fraction for one problem and mode."""
 
     loss: float
     dlogp: torch.Tensor  # [B, T] float64
+    clip_fraction: float  # of the completion tokens (0 on-policy)
 
 
 def gold(inputs: Inputs, mode: str, logp: torch.Tensor) -> Gold:
-    """Steps 2-9 in float64 from :func:`gold_logprobs` (on-policy, default options)."""
+    """Steps 2-9 in float64 from :func:`gold_logprobs` (default options; on-policy, or
+    off-policy from ``inputs.old_logprobs``)."""
     logp = logp.detach().requires_grad_(True)
+    old = logp.detach() if inputs.old_logprobs is None else inputs.old_logprobs.double()
     result = reference.epilogue(
-        logp, logp.detach(), inputs.completion_mask, inputs.rewards.double(), inputs.groups, LossConfig(mode=mode)
+        logp, old, inputs.completion_mask, inputs.rewards.double(), inputs.groups, LensOptions(mode=mode)
     )
     (dlogp,) = torch.autograd.grad(result.loss, logp)
-    return Gold(float(result.loss.detach()), dlogp)
+    return Gold(float(result.loss.detach()), dlogp, float(result.clip_fraction))
 
 
 @dataclass(frozen=True)

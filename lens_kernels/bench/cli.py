@@ -1,6 +1,8 @@
 """``lens-bench`` / ``python -m lens_kernels bench``: the benchmark command line.
 
-Presets fix shapes, modes, implementations and timing; every option overrides its part.
+Presets fix shapes, policies, modes, implementations and timing; every option overrides its
+part.  ``--summarize`` prints the compact table and the targets of saved runs (what
+``scripts/gpu_bench.sh`` prints last).
 ``quick`` is what ``python -m lens_kernels`` runs with no arguments; it prints its table and
 writes no files unless given ``--save`` (the other presets write JSON, markdown and a PNG into
 ``--out``).  The CLI sets ``KINETO_LOG_LEVEL`` (unless set) so that the profiler measuring CPU
@@ -9,19 +11,21 @@ memory prints none of its ``USDT: profiler_start/stop`` lines.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
+import time
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import report, runner, targets
+from . import report, runner, summary, targets
 from .measure import Timer, copy_bandwidth, default_copy_bytes
 from .plot import plot
 from .plans import CPU_TARGET, H100_TARGET, PRESETS, Preset, best_device, grid, preset
-from .problems import DTYPES, shape_for_tokens
+from .problems import DTYPES, POLICIES, shape_for_tokens
 from .registry import MODES, REGISTRY, select
 
 
@@ -57,14 +61,16 @@ def _preset_help(default_preset: str) -> str:
 def parser(prog: str, default_preset: str = "sweep") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=(
         "Benchmark the fused LENS loss against the eager and compiled PyTorch reference and Liger-Kernel: "
-        "forward and forward+backward time, peak memory, distance to the bandwidth floor, error against "
-        "the float64 reference.  Options left out take the preset's values."))
+        "forward and forward+backward time, host time, peak memory, distance to the two bandwidth floors, "
+        "error against the float64 reference.  Options left out take the preset's values."))
     p.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:1, cpu")
     p.add_argument("--preset", choices=tuple(PRESETS["cpu"]), default=None, help=_preset_help(default_preset))
     p.add_argument("--vocab", type=_list(int), help="vocabulary sizes, comma-separated")
     p.add_argument("--tokens", type=_list(int), help="token counts N = B*T, comma-separated")
     p.add_argument("--dtype", type=_list(str), help=f"logits dtypes, comma-separated: {_names(DTYPES)}")
     p.add_argument("--modes", type=_list(str), help=f"loss modes, comma-separated: {_names(MODES)}")
+    p.add_argument("--policy", type=_list(str), help=f"policies, comma-separated: {_names(POLICIES)} (on: the old "
+                   "log-probs are the current ones; off: the policy's log-probs plus noise, so some tokens clip)")
     p.add_argument("--impl", type=_list(str), help="implementations, comma-separated ('fused' = the "
                    f"auto backend): {_names(REGISTRY)}; --list says which run here")
     p.add_argument("--group-size", type=int, help="G, rows per prompt group")
@@ -76,12 +82,16 @@ def parser(prog: str, default_preset: str = "sweep") -> argparse.ArgumentParser:
     p.add_argument("--copies", type=int, default=3, help="input copies rotated between runs (fewer if memory is short)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads); default: torch's own")
+    p.add_argument("--time-limit", type=float, help="seconds after which no new measurement starts (the rest "
+                   "are recorded as skipped, and the results written)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, markdown and PNG")
     p.add_argument("--name", help="file stem (default: <device>-<preset>)")
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=None,
                    help="write JSON, markdown and PNG into --out (default: yes, except for the quick preset)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the PNG")
     p.add_argument("--list", action="store_true", help="list the implementations, whether each runs here, and exit")
+    p.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
+                   help="print the compact table and targets of saved runs (first file wins on overlaps), and exit")
     return p
 
 
@@ -115,6 +125,10 @@ def _shapes(plan: Preset, args: argparse.Namespace) -> list:
 def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_preset: str = "sweep") -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser(prog, default_preset).parse_args(argv)
+    if args.summarize:
+        print(summary.summarize(args.summarize))
+        return 0
+    started = time.monotonic()
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above USDT (5): no profiler_start/stop lines
     device = resolve_device(args.device)
     if args.threads:
@@ -130,6 +144,9 @@ def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_pre
     for mode in args.modes or ():
         if mode not in MODES:
             raise SystemExit(f"--modes: unknown {mode!r}; known: {_names(MODES)}")
+    for policy in args.policy or ():
+        if policy not in POLICIES:
+            raise SystemExit(f"--policy: unknown {policy!r}; known: {_names(POLICIES)}")
     try:
         shapes = _shapes(plan, args)
         impls = select(args.impl or list(plan.impls), device)
@@ -139,21 +156,39 @@ def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_pre
     timer = Timer(device, **{**plan.timer, **{k: v for k, v in options.items() if v is not None}})
     runner.log(f"measuring the copy bandwidth of {device} ...")
     bandwidth = copy_bandwidth(timer, default_copy_bytes(device))
-    settings = runner.Settings(timer, bandwidth, copies=max(1, args.copies), seed=args.seed)
+    deadline = None if args.time_limit is None else started + args.time_limit
+    settings = runner.Settings(timer, bandwidth, copies=max(1, args.copies), seed=args.seed, deadline=deadline)
     command = f"{prog} {shlex.join(argv)}".strip()
     env = report.environment(device, command, bandwidth, timer)
     runner.log(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; "
                f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    records = runner.run(shapes, list(args.modes or plan.modes), impls, settings)
     computes = {impl.name: impl.computes for impl in impls}
+    save = args.save if args.save is not None else plan.save
+    stem = args.name or f"{report.device_slug(device)}-{preset_name}"
+    partial = _partial_writer(args.out / f"{stem}.json", env, computes) if save else None
+    records = runner.run(shapes, list(args.modes or plan.modes), impls, settings, on_record=partial,
+                         policies=tuple(args.policy or plan.policies))
     verdicts = targets.evaluate(records, device.type)
     print(f"lens-kernels benchmark on {env['device']} ({command})")
     print(report.terminal(records, env, computes, verdicts))
-    if args.save if args.save is not None else plan.save:
-        stem = args.name or f"{report.device_slug(device)}-{preset_name}"
+    if save:
         png = plot(records, args.out / f"{stem}.png", env["device"]) if args.plot else None
         paths = report.write(args.out, stem, records, env, computes, verdicts, png.name if png else None)
         print("\nwrote " + ", ".join(str(p) for p in paths + ([png] if png else [])))
     else:
         print(f"\nno files written (--save writes JSON, markdown and PNG into {args.out})")
     return 1 if any(r["status"] in ("failed-check", "error") for r in records) else 0
+
+
+def _partial_writer(path: Path, env: dict, computes: dict):
+    """An ``on_record`` callback that rewrites ``path`` with the records so far (marked
+    partial), so that a run stopped from outside still leaves its measurements."""
+    records: list[dict] = []
+
+    def write(record: dict) -> None:
+        records.append(record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = dict(environment=env, implementations=computes, partial=True, results=records)
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+
+    return write

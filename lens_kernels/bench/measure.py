@@ -2,7 +2,9 @@
 
 Times are medians over many runs after warm-up, taken with CUDA events on a GPU and
 ``time.perf_counter`` on the CPU; successive runs read different input copies so that no run
-finds its logits in cache.  Peak memory is what a call allocates above what was allocated
+finds its logits in cache.  The host time of a call (:meth:`Timer.host`) is how long it blocks
+the Python thread: ``time.perf_counter`` around the call, started on an idle device and
+stopped before any synchronize, so on a GPU it is the launch, validation and sync overhead.  Peak memory is what a call allocates above what was allocated
 before it (the inputs): ``torch.cuda.max_memory_allocated`` on a GPU, the profiler's
 allocation events on the CPU.
 """
@@ -48,15 +50,25 @@ class Timer:
     budget_s: float = 3.0
 
     def __call__(self, step: Callable[[Any], Any], inputs: Sequence[Any]) -> Timing:
+        """Device time per call (CUDA events on a GPU, the host clock on the CPU)."""
+        runs = self._warm_up(step, inputs)
+        times = self._cuda(step, inputs, runs) if self.device.type == "cuda" else self._host(step, inputs, runs)
+        return _timing(times)
+
+    def host(self, step: Callable[[Any], Any], inputs: Sequence[Any]) -> Timing:
+        """Host time per call: the device is synchronized before each call, the host clock
+        stopped when the call returns (before any synchronize)."""
+        runs = self._warm_up(step, inputs)
+        return _timing(self._host(step, inputs, runs, idle_first=True))
+
+    def _warm_up(self, step, inputs) -> int:
+        """Untimed calls; returns how many timed calls fit the budget."""
         start = time.perf_counter()
         for i in range(max(1, self.warmup)):
             step(inputs[i % len(inputs)])
         synchronize(self.device)
         per_call = (time.perf_counter() - start) / max(1, self.warmup)
-        runs = int(min(self.max_runs, max(self.min_runs, self.budget_s / max(per_call, 1e-6))))
-        times = self._cuda(step, inputs, runs) if self.device.type == "cuda" else self._host(step, inputs, runs)
-        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-        return Timing(statistics.median(times), quartiles[0], quartiles[2], min(times), len(times))
+        return int(min(self.max_runs, max(self.min_runs, self.budget_s / max(per_call, 1e-6))))
 
     def _cuda(self, step, inputs, runs: int) -> list[float]:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
@@ -67,13 +79,20 @@ class Timer:
         torch.cuda.synchronize(self.device)
         return [begin.elapsed_time(end) for begin, end in events]
 
-    def _host(self, step, inputs, runs: int) -> list[float]:
+    def _host(self, step, inputs, runs: int, idle_first: bool = False) -> list[float]:
         times = []
         for i in range(runs):
+            if idle_first:
+                synchronize(self.device)
             begin = time.perf_counter()
             step(inputs[i % len(inputs)])
             times.append((time.perf_counter() - begin) * 1e3)
         return times
+
+
+def _timing(times: list[float]) -> Timing:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Timing(statistics.median(times), quartiles[0], quartiles[2], min(times), len(times))
 
 
 def peak_bytes(step: Callable[[Any], Any], inputs: Any, device: torch.device) -> int:

@@ -1,7 +1,9 @@
 """The PNG of a run: forward+backward time and peak extra memory against N, per implementation.
 
 One row of two panels per (mode, vocabulary, dtype) measured at two or more token counts
-(single-N rows are plotted as points).  Needs matplotlib (the ``bench`` extra).
+(single-N rows are plotted as points); on-policy runs are solid lines, off-policy dashed; the
+two-pass and one-pass floors are black dashed and dotted.  Needs matplotlib (the ``bench``
+extra).
 """
 from __future__ import annotations
 
@@ -27,17 +29,21 @@ def plot(records: list[dict], path: Path, title: str) -> Optional[Path]:
     styles = {name: f"C{i}" for i, name in enumerate(impls)}
     for row, (mode, vocab, dtype) in enumerate(panels):
         for impl in impls:
-            points = sorted((r["tokens"], r["fwdbwd_median_ms"], r["peak_extra_mb"]) for r in ok
-                            if (r["mode"], r["vocab"], r["dtype"], r["impl"]) == (mode, vocab, dtype, impl))
-            if not points:
-                continue
-            n, ms, mb = zip(*points)
-            axes[row][0].plot(n, ms, "o-", color=styles[impl], label=impl)
-            axes[row][1].plot(n, mb, "o-", color=styles[impl], label=impl)
-        floors = sorted({(r["tokens"], r["floor_ms"]) for r in ok
+            for policy, line in (("on", "o-"), ("off", "s--")):
+                points = sorted((r["tokens"], r["fwdbwd_median_ms"], r["peak_extra_mb"]) for r in ok
+                                if (r["mode"], r["vocab"], r["dtype"], r["impl"], r["policy"])
+                                == (mode, vocab, dtype, impl, policy))
+                if not points:
+                    continue
+                n, ms, mb = zip(*points)
+                label = f"{impl} ({policy}-policy)"
+                axes[row][0].plot(n, ms, line, color=styles[impl], label=label)
+                axes[row][1].plot(n, mb, line, color=styles[impl], label=label)
+        floors = sorted({(r["tokens"], r["floor_2pass_ms"], r["floor_1pass_ms"]) for r in ok
                          if (r["mode"], r["vocab"], r["dtype"]) == (mode, vocab, dtype)})
-        n, floor = zip(*floors)
-        axes[row][0].plot(n, floor, "k--", label="bandwidth floor")
+        n, two, one = zip(*floors)
+        axes[row][0].plot(n, two, "k--", label="two-pass floor")
+        axes[row][0].plot(n, one, "k:", label="one-pass floor")
         for col, ylabel in enumerate(("forward+backward ms (median)", "peak MB above inputs (fwd+bwd)")):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)

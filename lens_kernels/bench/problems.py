@@ -6,9 +6,14 @@ no ``[B, T, V]`` fp32 temporary), and laid out as a trainer would have them: the
 ``full [B, T + 1, V]`` is contiguous and the loss reads the view ``full[:, :-1]``.  Liger's
 GRPO loss takes ``full`` itself (it drops the last position), so every implementation reads
 the same storage.
+
+A problem is on-policy (``old_logprobs`` None: the loss uses the detached current log-probs)
+or off-policy (:func:`off_policy_logprobs`: the policy's own float64 log-probs plus Gaussian
+noise, so that some tokens clip).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -24,6 +29,13 @@ MODEL_VOCABS = {"qwen2.5": 151936, "llama-3.1": 128256, "llama-2/mistral": 32000
 MAX_LENGTH = 4096
 # Bound on the fp32 temporaries of one generation chunk.
 CHUNK_BYTES = 256 * 2**20
+POLICIES = ("on", "off")
+# Off-policy: old = logp + N(0, OFF_POLICY_NOISE^2), so ratio = exp(-noise) leaves [0.8, 1.2]
+# for about 18% of the tokens (about half of those clip, depending on the advantage's sign).
+OFF_POLICY_NOISE = 0.15
+# No token's log-ratio lies within CLIP_MARGIN of a clip edge: the float64 gate and a kernel
+# computing log-probs in fp32 (errors ~1e-5) then always agree on which tokens clip.
+CLIP_MARGIN = 1e-3
 
 
 @dataclass(frozen=True)
@@ -92,11 +104,22 @@ class Inputs:
     rewards: torch.Tensor  # [B] fp32 in {0, 1}
     groups: GroupLayout  # contiguous groups of group_size rows
     temperature: float = 1.0
+    old_logprobs: Optional[torch.Tensor] = None  # [B, T] fp32 off-policy, None on-policy
+
+    @property
+    def policy(self) -> str:
+        """``"on"`` (old log-probs = the detached current ones) or ``"off"``."""
+        return "on" if self.old_logprobs is None else "off"
+
+    @property
+    def live_positions(self) -> int:
+        """Positions whose completion mask is 1 (rows a mask-skipping kernel reads)."""
+        return int(self.completion_mask.sum())
 
     def loss_kwargs(self, logits: Optional[torch.Tensor] = None) -> dict:
-        """Keyword arguments of ``fused_lens_loss`` (defaults for everything else: on-policy,
-        ``seq-mean-token-mean``, ``eps = 0.2``, no KL)."""
-        return dict(
+        """Keyword arguments of ``fused_lens_loss`` (defaults for everything else:
+        ``seq-mean-token-mean``, ``eps = 0.2``, no KL); ``old_logprobs`` only off-policy."""
+        kwargs = dict(
             logits=self.logits if logits is None else logits,
             target_ids=self.target_ids,
             completion_mask=self.completion_mask,
@@ -104,6 +127,9 @@ class Inputs:
             group_size=self.shape.group_size,
             temperature=self.temperature,
         )
+        if self.old_logprobs is not None:
+            kwargs["old_logprobs"] = self.old_logprobs
+        return kwargs
 
     def copy(self) -> "Inputs":
         """Same values in new logits storage (for rotating inputs between timed runs)."""
@@ -152,6 +178,20 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0, logit_scale: 
     inputs = Inputs(
         shape=shape, full=full, logits=full, target_ids=targets,
         completion_mask=mask.to(device), mask_float=mask.float().to(device), rewards=rewards.to(device),
-        groups=contiguous_groups(batch, shape.group_size, device),
+        groups=contiguous_groups(batch, shape.group_size).tensors(device),
     )
     return _with_full(inputs, full)
+
+
+def off_policy_logprobs(logp: torch.Tensor, mask: torch.Tensor, seed: int = 0, eps_low: float = 0.2,
+                        eps_high: float = 0.2, noise: float = OFF_POLICY_NOISE) -> torch.Tensor:
+    """``old [B, T]`` fp32 for an off-policy problem: the policy's exact (float64) log-probs
+    ``logp`` plus Gaussian noise, 0 at masked-out positions.  The log-ratio ``logp - old`` of
+    every token stays :data:`CLIP_MARGIN` away from the clip edges ``log(1 - eps_low)`` and
+    ``log(1 + eps_high)``."""
+    gen = torch.Generator(device=logp.device).manual_seed(seed + 1)
+    shift = noise * torch.randn(logp.shape, generator=gen, device=logp.device, dtype=torch.float64)
+    for edge in (-math.log1p(eps_high), -math.log1p(-eps_low)):  # shift = -log-ratio at the edges
+        near = (shift - edge).abs() < CLIP_MARGIN
+        shift = torch.where(near, torch.where(shift >= edge, edge + CLIP_MARGIN, edge - CLIP_MARGIN), shift)
+    return torch.where(mask.bool(), logp.detach() + shift, 0).float()

@@ -1,4 +1,5 @@
-"""What a benchmark run writes: the environment, a table (terminal and markdown), JSON, a plot."""
+"""What a benchmark run writes: the environment, a table (terminal and markdown), JSON, a plot,
+and the compact summary of one or more runs (``lens-bench --summarize``)."""
 from __future__ import annotations
 
 import datetime
@@ -17,8 +18,9 @@ import lens_kernels
 
 # Environment variables that change what is measured (threads, allocators, interpreters).
 ENV_PREFIXES = ("OMP_", "MKL_", "MALLOC_", "LD_PRELOAD", "TRITON_", "PYTORCH_", "CUDA_", "TORCH")
-COLUMNS = ("shape", "mode", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "x floor", "peak +MB", "peak-grad MB",
-           "loss err", "grad err (rel)")
+COLUMNS = ("shape", "policy", "mode", "impl", "fwd ms", "fwd+bwd ms", "host ms", "x 2-pass floor",
+           "x 1-pass floor", "peak +MB", "peak-grad MB", "loss err", "grad err (rel)")
+LABELS = 4  # left-aligned label columns
 
 
 def _version(package: str) -> Optional[str]:
@@ -106,33 +108,38 @@ def table_rows(records: list[dict]) -> list[list[str]]:
     """One row per implementation that ran (skipped ones are listed in the notes)."""
     rows = []
     for r in records:
-        shape = f"V={r['vocab']} N={r['tokens']} {r['dtype']}"
+        labels = [f"V={r['vocab']} N={r['tokens']} {r['dtype']}", r["policy"], r["mode"], r["impl"]]
         if r["status"] == "skipped":
             continue
         if r["status"] != "ok":
             note = {"failed-check": "FAILED CHECK", "oom": "out of memory", "error": "error"}[r["status"]]
             errors = [_num(r.get("loss_error")), _num(r.get("grad_relative_error"))]
-            rows.append([shape, r["mode"], r["impl"], note, *["-"] * 6, *errors])
+            rows.append([*labels, note, *["-"] * 6, *errors])
             continue
         rows.append([
-            shape, r["mode"], r["impl"], _num(r["fwd_median_ms"]), _num(r["fwdbwd_median_ms"]), _num(r["gbps"]),
-            _num(r["x_floor"]), _num(r["peak_extra_mb"]), _num(r["peak_extra_minus_grad_mb"]),
-            _num(r["loss_error"]), _num(r["grad_relative_error"]),
+            *labels, _num(r["fwd_median_ms"]), _num(r["fwdbwd_median_ms"]), _num(r["host_fwdbwd_median_ms"]),
+            _num(r["x_floor_2pass"]), _num(r["x_floor_1pass"]), _num(r["peak_extra_mb"]),
+            _num(r["peak_extra_minus_grad_mb"]), _num(r["loss_error"]), _num(r["grad_relative_error"]),
         ])
     return rows
 
 
-def text_table(records: list[dict]) -> str:
-    rows = [list(COLUMNS)] + table_rows(records)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+def aligned(header: list[str], rows: list[list[str]], labels: int) -> str:
+    """A plain-text table: the first ``labels`` columns left-aligned, the rest right-aligned."""
+    rows = [header] + rows
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < labels else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def text_table(records: list[dict]) -> str:
+    return aligned(list(COLUMNS), table_rows(records), LABELS)
+
+
 def markdown_table(records: list[dict]) -> str:
-    rule = "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS)))
+    rule = "|".join("---" if i < LABELS else "---:" for i in range(len(COLUMNS)))
     head = "| " + " | ".join(COLUMNS) + " |\n|" + rule + "|"
     return "\n".join([head] + ["| " + " | ".join(row) + " |" for row in table_rows(records)])
 
@@ -147,12 +154,12 @@ def notes(records: list[dict], computes: dict[str, str]) -> list[str]:
 
 
 def targets_lines(results: list[dict]) -> list[str]:
+    """One line per target: its worst measured value, where, and the verdict."""
     lines = []
     for t in results:
-        value = "-" if t["value"] is None else f"{t['value']:.3g}"
         bound = "<=" if t["at_most"] else ">="
-        lines.append(f"- {t['target']} (V={t['vocab']} N={t['tokens']} {t['dtype']}, {t['mode']}): "
-                     f"{value} (want {bound} {t['limit']:g}): **{t['verdict']}**")
+        value = "-" if t["value"] is None else f"{t['value']:.3g} at {t['worst_at']}"
+        lines.append(f"- {t['label']} {t['target']}: {value} (want {bound} {t['limit']:g}): **{t['verdict']}**")
     return lines
 
 
@@ -162,12 +169,17 @@ def legend(env: dict) -> list[str]:
         f"driver {env['driver']}, liger-kernel {env['liger_kernel']}, lens-kernels {env['lens_kernels']} "
         f"({env['git_commit']}); {env['torch_threads']} torch threads, load average {env['load_average']}"
         f"{', env ' + str(env['environment_variables']) if env['environment_variables'] else ''}.",
-        f"Copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; floor = (2 x logits bytes + gradient bytes) / "
-        "bandwidth; GB/s = those bytes / fwd+bwd time; x floor = fwd+bwd time / floor.",
+        f"Copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s (measured in this run). Floors count the "
+        "completion mask: two-pass = (2 x live rows read + all rows of the gradient written) x V x itemsize / "
+        "bandwidth, one-pass = (live rows read once + gradient written) / bandwidth; x floor = fwd+bwd time / "
+        "floor.",
         f"Times: median of many runs after warm-up ({env['timing']['clock']}), inputs rotated among copies; forward "
-        "runs with autograd recording. peak +MB: allocated above the inputs during fwd+bwd, the returned "
-        "gradient included; peak-grad MB: the same minus the gradient. Errors against the float64 reference "
-        "on the timed inputs: loss absolute, gradient max abs / max |grad|.",
+        "runs with autograd recording. host ms: how long a fwd+bwd blocks the Python thread (host clock from an "
+        "idle device to the call's return, before any synchronize; on the CPU the fwd+bwd time). policy on: "
+        "old log-probs = the current ones; off: given, the policy's log-probs plus N(0, 0.15^2) noise (clip "
+        "fraction in the JSON). peak +MB: allocated above the inputs during fwd+bwd, the returned gradient "
+        "included; peak-grad MB: the same minus the gradient. Errors against the float64 reference on the "
+        "timed inputs: loss absolute, gradient max abs / max |grad|.",
     ]
 
 

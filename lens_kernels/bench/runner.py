@@ -1,9 +1,12 @@
 """Measure implementations on shapes: check first, then time, then peak memory.
 
 For each shape the inputs are built once (plus copies to rotate through) and shared by every
-implementation and mode.  An implementation is timed only after its loss and gradient on the
-timed inputs pass the float64 check; one that is unavailable, fails the check, runs out of
-memory or raises is recorded with the reason and the sweep goes on.
+implementation, policy and mode; the off-policy problem is the same inputs with
+``old_logprobs`` from :func:`~lens_kernels.bench.problems.off_policy_logprobs`.  An
+implementation is timed only after its loss and gradient on the timed inputs pass the float64
+check; one that is unavailable, fails the check, runs out of memory or raises is recorded with
+the reason and the sweep goes on.  Past ``Settings.deadline`` the remaining runs are recorded
+as skipped, so a time-boxed run still writes its results.
 """
 from __future__ import annotations
 
@@ -11,14 +14,15 @@ import gc
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
 from . import check
+from .floors import floors
 from .measure import Timer, available_bytes, is_out_of_memory, peak_bytes
-from .problems import Inputs, Shape, make_inputs
+from .problems import Inputs, Shape, make_inputs, off_policy_logprobs
 from .registry import Impl
 
 MB = 2**20
@@ -41,15 +45,11 @@ class Settings:
     copies: int = 3  # input copies to rotate through, fewer when memory is short
     copy_fraction: float = 0.3  # of the free memory, for all copies together
     seed: int = 0
+    deadline: Optional[float] = None  # time.monotonic() after which no run starts
 
     @property
     def device(self) -> torch.device:
         return self.timer.device
-
-
-def floor_seconds(shape: Shape, bandwidth: float) -> float:
-    """Read the logits twice (forward, backward) and write one gradient, at copy bandwidth."""
-    return 3 * shape.logits_bytes / bandwidth
 
 
 def input_copies(shape: Shape, settings: Settings) -> list[Inputs]:
@@ -60,8 +60,10 @@ def input_copies(shape: Shape, settings: Settings) -> list[Inputs]:
 
 
 def _release(device: torch.device) -> None:
-    gc.collect()
+    """Return a run's device memory to the driver, cycles included (a no-op on the CPU, where
+    refcounting already freed it and a full collection costs up to a second)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -73,10 +75,18 @@ def forward_backward(impl: Impl, fn: Callable[[Inputs], torch.Tensor]) -> Callab
     return step
 
 
+def off_policy(copies: list[Inputs], logp, seed: int) -> list[Inputs]:
+    """The copies with the same ``old_logprobs`` (policy log-probs plus noise)."""
+    old = off_policy_logprobs(logp, copies[0].completion_mask, seed)
+    return [replace(c, old_logprobs=old) for c in copies]
+
+
 def measure(impl: Impl, mode: str, copies: list[Inputs], target: check.Gold, settings: Settings) -> dict:
-    """One record: check, forward and forward+backward timings, peak memory, floor ratio."""
+    """One record: check, forward and forward+backward device time, forward+backward host
+    time, peak memory, the two floors."""
     shape = copies[0].shape
-    record = dict(impl=impl.name, mode=mode, **shape.as_dict(), copies=len(copies), status="ok", reason=None)
+    record = dict(impl=impl.name, mode=mode, policy=copies[0].policy, **shape.as_dict(), copies=len(copies),
+                  clip_fraction=target.clip_fraction, status="ok", reason=None)
     reason = impl.skip_reason(settings.device, mode)
     if reason:
         return {**record, "status": "skipped", "reason": reason}
@@ -96,7 +106,11 @@ def measure(impl: Impl, mode: str, copies: list[Inputs], target: check.Gold, set
             reason = "not timed: loss or gradient off the float64 reference"
             return {**record, "status": "failed-check", "reason": reason}
         record.update(settings.timer(fn, copies).as_dict("fwd"))
-        record.update(settings.timer(step, copies).as_dict("fwdbwd"))
+        fwdbwd = settings.timer(step, copies)
+        record.update(fwdbwd.as_dict("fwdbwd"))
+        # On the CPU nothing is asynchronous: the host time is the fwd+bwd time just taken.
+        host = settings.timer.host(step, copies) if settings.device.type == "cuda" else fwdbwd
+        record.update(host.as_dict("host_fwdbwd"))
         extra = peak_bytes(step, inputs, settings.device)
     except Exception as err:  # recorded, the sweep goes on
         status = "oom" if is_out_of_memory(err) else "error"
@@ -107,12 +121,8 @@ def measure(impl: Impl, mode: str, copies: list[Inputs], target: check.Gold, set
         return {**record, "status": status, "reason": f"{type(err).__name__}: {first_line}"[:300]}
     finally:
         _release(settings.device)
-    floor_s = floor_seconds(shape, settings.bandwidth)
-    seconds = record["fwdbwd_median_ms"] * 1e-3
     record.update(
-        floor_ms=floor_s * 1e3,
-        gbps=3 * shape.logits_bytes / seconds / 1e9,
-        x_floor=seconds / floor_s,
+        **floors(inputs, settings.bandwidth, record["fwdbwd_median_ms"]),
         peak_extra_mb=extra / MB,
         grad_mb=grad_bytes / MB,
         peak_extra_minus_grad_mb=(extra - grad_bytes) / MB,
@@ -121,20 +131,30 @@ def measure(impl: Impl, mode: str, copies: list[Inputs], target: check.Gold, set
 
 
 def summary(record: dict) -> str:
-    head = f"{record['impl']:<19} {record['mode']:<5}"
+    head = f"{record['impl']:<19} {record['policy']}-policy {record['mode']:<5}"
     if record["status"] != "ok":
         return f"{head} {record['status']}: {record['reason']}"
     return (
         f"{head} fwd {record['fwd_median_ms']:.3g} ms, fwd+bwd {record['fwdbwd_median_ms']:.3g} ms "
-        f"({record['x_floor']:.2f}x floor), peak +{record['peak_extra_mb']:.0f} MB, "
+        f"(host {record['host_fwdbwd_median_ms']:.3g} ms; {record['x_floor_2pass']:.2f}x two-pass, "
+        f"{record['x_floor_1pass']:.2f}x one-pass floor), peak +{record['peak_extra_mb']:.0f} MB, "
         f"grad err {record['grad_relative_error']:.1e} (rel)"
     )
 
 
+def _unrun(shape: Shape, policies, modes, impls, status: str, reason: str) -> list[dict]:
+    return [dict(impl=i.name, mode=m, policy=pol, **shape.as_dict(), status=status, reason=reason)
+            for pol in policies for m in modes for i in impls]
+
+
+def _past(deadline: Optional[float]) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
 def run(shapes: list[Shape], modes: list[str], impls: list[Impl], settings: Settings,
-        on_record: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """Every (shape, mode, implementation); a tqdm bar when tqdm is installed."""
-    total = len(shapes) * len(modes) * len(impls)
+        on_record: Optional[Callable[[dict], None]] = None, policies: tuple = ("on",)) -> list[dict]:
+    """Every (shape, policy, mode, implementation); a tqdm bar when tqdm is installed."""
+    total = len(shapes) * len(policies) * len(modes) * len(impls)
     try:
         from tqdm import tqdm
         bar = tqdm(total=total, desc="lens-bench", unit="run", file=sys.stderr, leave=False,
@@ -142,7 +162,20 @@ def run(shapes: list[Shape], modes: list[str], impls: list[Impl], settings: Sett
     except ImportError:
         bar = None
     records = []
+
+    def add(record: dict) -> None:
+        records.append(record)
+        if on_record:
+            on_record(record)
+        if bar:
+            bar.update(1)
+
     for shape in shapes:
+        if _past(settings.deadline):
+            log(f"== {shape.label}: not run, past the time limit")
+            for record in _unrun(shape, policies, modes, impls, "skipped", "not run: the run's time limit was reached"):
+                add(record)
+            continue
         log(f"== {shape.label}: building inputs on {settings.device}")
         try:
             copies = input_copies(shape, settings)
@@ -151,22 +184,22 @@ def run(shapes: list[Shape], modes: list[str], impls: list[Impl], settings: Sett
             if not is_out_of_memory(err):
                 raise
             log(f"   out of memory building the inputs of {shape.label}; skipped")
-            records += [dict(impl=i.name, mode=m, **shape.as_dict(), status="oom", reason="inputs do not fit")
-                        for m in modes for i in impls]
-            if bar:
-                bar.update(len(modes) * len(impls))
+            for record in _unrun(shape, policies, modes, impls, "oom", "inputs do not fit"):
+                add(record)
             _release(settings.device)
             continue
-        for mode in modes:
-            target = check.gold(copies[0], mode, logp)
-            for impl in impls:
-                record = measure(impl, mode, copies, target, settings)
-                records.append(record)
-                log("   " + summary(record))
-                if on_record:
-                    on_record(record)
-                if bar:
-                    bar.update(1)
+        for policy in policies:
+            problem = copies if policy == "on" else off_policy(copies, logp, settings.seed)
+            for mode in modes:
+                target = check.gold(problem[0], mode, logp)
+                for impl in impls:
+                    if _past(settings.deadline):
+                        record = _unrun(shape, [policy], [mode], [impl], "skipped",
+                                        "not run: the run's time limit was reached")[0]
+                    else:
+                        record = measure(impl, mode, problem, target, settings)
+                        log("   " + summary(record))
+                    add(record)
         del copies, logp
         _release(settings.device)
     if bar:
