@@ -94,7 +94,8 @@ def environment(device: torch.device, command: str, bandwidth: float, timer) -> 
     )
 
 
-def _num(value) -> str:
+def number(value) -> str:
+    """A table cell: 3 significant digits, whole numbers from 100, exponents outside [1e-2, 1e6)."""
     if value is None:
         return "-"
     if value == 0:
@@ -113,13 +114,13 @@ def table_rows(records: list[dict]) -> list[list[str]]:
             continue
         if r["status"] != "ok":
             note = {"failed-check": "FAILED CHECK", "oom": "out of memory", "error": "error"}[r["status"]]
-            errors = [_num(r.get("loss_error")), _num(r.get("grad_relative_error"))]
+            errors = [number(r.get("loss_error")), number(r.get("grad_relative_error"))]
             rows.append([*labels, note, *["-"] * 6, *errors])
             continue
         rows.append([
-            *labels, _num(r["fwd_median_ms"]), _num(r["fwdbwd_median_ms"]), _num(r["host_fwdbwd_median_ms"]),
-            _num(r["x_floor_2pass"]), _num(r["x_floor_1pass"]), _num(r["peak_extra_mb"]),
-            _num(r["peak_extra_minus_grad_mb"]), _num(r["loss_error"]), _num(r["grad_relative_error"]),
+            *labels, number(r["fwd_median_ms"]), number(r["fwdbwd_median_ms"]), number(r["host_fwdbwd_median_ms"]),
+            number(r["x_floor_2pass"]), number(r["x_floor_1pass"]), number(r["peak_extra_mb"]),
+            number(r["peak_extra_minus_grad_mb"]), number(r["loss_error"]), number(r["grad_relative_error"]),
         ])
     return rows
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from . import targets
-from .report import aligned, targets_lines
+from .report import aligned, number, targets_lines
 
 ORDER = ("fused-triton", "fused-cuda", "fused-torch", "liger", "reference-compiled", "reference-eager")
 SHORT = {"fused-triton": "triton", "fused-cuda": "cuda", "fused-torch": "torch", "liger": "liger",
@@ -26,7 +26,7 @@ def _column(impl: str) -> str:
 def _cell(record: dict) -> str:
     if record["status"] != "ok":
         return STATUS[record["status"]]
-    return f"{record['fwdbwd_median_ms']:.3g}/{record['host_fwdbwd_median_ms']:.2g}"
+    return f"{number(record['fwdbwd_median_ms'])}/{number(record['host_fwdbwd_median_ms'])}"
 
 
 def compact(records: list[dict]) -> str:
@@ -43,7 +43,7 @@ def compact(records: list[dict]) -> str:
     for (dtype, vocab, tokens, policy, mode), row in cases.items():
         floor = next((r for r in ok if (r["dtype"], r["vocab"], r["tokens"], r["policy"]) ==
                       (dtype, vocab, tokens, policy)), None)
-        floors = "-" if floor is None else f"{floor['floor_1pass_ms']:.3g}/{floor['floor_2pass_ms']:.3g}"
+        floors = "-" if floor is None else f"{number(floor['floor_1pass_ms'])}/{number(floor['floor_2pass_ms'])}"
         cells = [_cell(row[c]) if c in row else "" for c in columns]
         rows.append([f"V={vocab} N={tokens} {dtype}", policy, mode, floors, *cells])
     header = ["shape", "policy", "mode", "floor 1p/2p", *[SHORT.get(c, c) for c in columns]]
