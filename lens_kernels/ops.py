@@ -220,6 +220,7 @@ class LensLoss(torch.autograd.Function):
     def forward(ctx, logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes,
                 key: str, one_pass: bool, inplace: bool, inv_temperature: float, backend: str):
         ctx.one_pass, ctx.inplace, ctx.inv_temperature, ctx.backend = one_pass, inplace, inv_temperature, backend
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the detached outputs
         if one_pass:
             args = (logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, key)
             if inplace:
@@ -237,6 +238,8 @@ class LensLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if grad_loss is None:
+            return (None,) * 16
         if ctx.one_pass:
             (grad,) = ctx.saved_tensors
             _scale_rows(grad, grad_loss)
