@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "150: about 75%% of the groups negative at the start)")
     parser.add_argument("--seeds", default="8", help="a count (8: seeds 0-7), a range (3-5) or "
                         "a list (0,2,7) (default 8)")
-    parser.add_argument("--modes", dest="study_modes", default="lens,grpo",
+    parser.add_argument("--modes", dest="study_modes", metavar="MODES", default="lens,grpo",
                         help=f"modes to compare, from {', '.join(MODES)} (default lens,grpo)")
     parser.add_argument("--jobs", type=int, default=1, help="units run side by side in worker "
                         "processes; 1 runs them in this process (default 1)")
