@@ -17,7 +17,8 @@
 # their JSON after every measurement, so a cut-short run still leaves its results.
 # OUT_DIR receives 7 files: gpu-bench.log (command, device, versions, every run's full output)
 # and <device>-target.{json,md,png}, <device>-sweep.{json,md,png}.
-# Environment: BUDGET_S (total seconds, default 400), BUILD_CUDA (default 1), PYTHON.
+# Environment: BUDGET_S (total seconds, default 400; the sweep gets what the target run leaves),
+# TARGET_LIMIT_S (default 120), BUILD_CUDA (default 1), PYTHON.
 set -uo pipefail
 
 out="${1:?usage: bash scripts/gpu_bench.sh OUT_DIR}"
@@ -80,7 +81,7 @@ bench() {  # bench PRESET LIMIT_S: one lens-bench run, its output in the log
     say "  $preset finished in $((SECONDS - start))s (exit $rc: 0 all checked rows ran, 1 a row failed its check" \
         "or raised, 124 killed at the limit)"
 }
-bench target 120
+bench target "${TARGET_LIMIT_S:-120}"
 sweep_limit=$(( $(left) - 50 ))
 bench sweep $(( sweep_limit > 60 ? sweep_limit : 60 ))
 
