@@ -97,8 +97,8 @@ def fused_lens_loss(
 
 
 def _live(mask: torch.Tensor) -> torch.Tensor:
-    """The completion mask as the kernels read it: uint8 0/1, a view of a bool mask."""
-    return (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
+    """The completion mask as the kernels read it: bool (one byte, 0/1; no copy for a bool mask)."""
+    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def _torch_loss(inputs: LossInputs, options: LensOptions) -> LensOutput:

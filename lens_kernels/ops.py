@@ -147,8 +147,7 @@ def _fake_results(logits: Tensor, has_groups: bool, num_groups: int, has_ref: bo
             torch.empty((), **f32), torch.empty(() if has_ref else 0, **f32)]
 
 
-@torch.library.custom_op(f"{_LIB}::loss_one_pass", mutates_args=())
-def _loss_one_pass(
+def _loss_one_pass_impl(
     logits: Tensor, target_ids: Tensor, live: Tensor, rewards: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
     advantages: Optional[Tensor], order: Optional[Tensor], start: Optional[Tensor], size: Optional[Tensor],
     group_sizes: list[int], options: str, write_grad: bool,
@@ -160,14 +159,16 @@ def _loss_one_pass(
     return _flatten(result, live) + ([grad] if write_grad else [])
 
 
+_loss_one_pass = torch.library.custom_op(f"{_LIB}::loss_one_pass", _loss_one_pass_impl, mutates_args=())
+
+
 @_loss_one_pass.register_fake
 def _(logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, options, write_grad):
     results = _fake_results(logits, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
     return results + ([torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)] if write_grad else [])
 
 
-@torch.library.custom_op(f"{_LIB}::loss_one_pass_inplace", mutates_args=("logits",))
-def _loss_one_pass_inplace(
+def _loss_one_pass_inplace_impl(
     logits: Tensor, target_ids: Tensor, live: Tensor, rewards: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
     advantages: Optional[Tensor], order: Optional[Tensor], start: Optional[Tensor], size: Optional[Tensor],
     group_sizes: list[int], options: str,
@@ -178,13 +179,15 @@ def _loss_one_pass_inplace(
     return _flatten(result, live)
 
 
+_loss_one_pass_inplace = torch.library.custom_op(f"{_LIB}::loss_one_pass_inplace", _loss_one_pass_inplace_impl, mutates_args=("logits",))
+
+
 @_loss_one_pass_inplace.register_fake
 def _(logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, options):
     return _fake_results(logits, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
 
 
-@torch.library.custom_op(f"{_LIB}::loss_two_pass", mutates_args=())
-def _loss_two_pass(
+def _loss_two_pass_impl(
     logits: Tensor, target_ids: Tensor, live: Tensor, rewards: Tensor, ref: Optional[Tensor],
     order: Optional[Tensor], start: Optional[Tensor], size: Optional[Tensor], group_sizes: list[int], options: str,
 ) -> list[Tensor]:
@@ -194,20 +197,32 @@ def _loss_two_pass(
     return _flatten(result, live) + [result.lse, result.dlogp]
 
 
+_loss_two_pass = torch.library.custom_op(f"{_LIB}::loss_two_pass", _loss_two_pass_impl, mutates_args=())
+
+
 @_loss_two_pass.register_fake
 def _(logits, target_ids, live, rewards, ref, order, start, size, group_sizes, options):
     logp_like = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
     return _fake_results(logits, True, group_sizes[0], ref is not None) + [logp_like, torch.empty_like(logp_like)]
 
 
-@torch.library.custom_op(f"{_LIB}::scale_rows_", mutates_args=("grad",))
-def _scale_rows(grad: Tensor, grad_output: Tensor) -> None:
+def _scale_rows_impl(grad: Tensor, grad_output: Tensor) -> None:
     scale_rows_(grad, grad_output)
+
+
+_scale_rows = torch.library.custom_op(f"{_LIB}::scale_rows_", _scale_rows_impl, mutates_args=("grad",))
 
 
 @_scale_rows.register_fake
 def _(grad, grad_output):
     return None
+
+
+def _call(op, impl, *args):
+    """A loss custom op in eager mode runs its implementation directly: the op's Python
+    dispatch costs tens of microseconds of host time per call, and only ``torch.compile``
+    needs the op (which it treats as opaque)."""
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 class LensLoss(torch.autograd.Function):
@@ -224,14 +239,14 @@ class LensLoss(torch.autograd.Function):
         if one_pass:
             args = (logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, key)
             if inplace:
-                results = _loss_one_pass_inplace(*args)
+                results = _call(_loss_one_pass_inplace, _loss_one_pass_inplace_impl, *args)
                 grad = logits
             else:
-                *results, grad = _loss_one_pass(*args, True)
+                *results, grad = _call(_loss_one_pass, _loss_one_pass_impl, *args, True)
             ctx.save_for_backward(grad)
         else:
-            *results, lse, dlogp = _loss_two_pass(
-                logits, target_ids, live, rewards, ref, order, start, size, group_sizes, key)
+            *results, lse, dlogp = _call(
+                _loss_two_pass, _loss_two_pass_impl, logits, target_ids, live, rewards, ref, order, start, size, group_sizes, key)
             ctx.save_for_backward(logits, target_ids, lse, dlogp)
         ctx.mark_non_differentiable(*results[1:])
         return tuple(results)
@@ -242,7 +257,7 @@ class LensLoss(torch.autograd.Function):
             return (None,) * 16
         if ctx.one_pass:
             (grad,) = ctx.saved_tensors
-            _scale_rows(grad, grad_loss)
+            _call(_scale_rows, _scale_rows_impl, grad, grad_loss)
         else:
             logits, target_ids, lse, dlogp = ctx.saved_tensors
             grad = _logprobs_grad(dlogp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend, ctx.inplace,
@@ -255,7 +270,7 @@ def kernel_loss_forward(logits, target_ids, live, rewards, old, ref, advantages,
     one_pass = kernel_loss.one_pass_applies(options, old is not None, advantages is not None)
     args = (logits, target_ids, live, rewards, old, ref, advantages, *_group_args(groups), options.key)
     if not logits.requires_grad and one_pass:  # nothing to differentiate: no gradient writes
-        results = _loss_one_pass(*args, False)
+        results = _call(_loss_one_pass, _loss_one_pass_impl, *args, False)
     else:
         results = LensLoss.apply(*args, one_pass, options.inplace_backward, options.inv_temperature, options.backend)
     out = dict(zip(_RESULTS, results))

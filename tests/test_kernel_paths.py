@@ -47,7 +47,7 @@ def backend(request, monkeypatch):
 
 def _run(path, name, device, problem, options):
     logits = problem["logits"].detach().clone()
-    live = problem["completion_mask"].view(torch.uint8)
+    live = problem["completion_mask"]
     groups = contiguous_groups(logits.shape[0], problem["group_size"])
     old = problem.get("old_logprobs") if path != "two-pass" else None
     ref = problem.get("ref_logprobs")

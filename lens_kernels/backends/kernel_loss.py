@@ -60,7 +60,7 @@ def one_pass(
     grad: Optional[torch.Tensor],
 ) -> KernelLoss:
     """The loss, with ``d loss / d logits`` written into ``grad`` (a new ``[B, T, V]`` buffer
-    or the logits themselves; None: no gradient).  ``live [B, T]`` uint8."""
+    or the logits themselves; None: no gradient).  ``live [B, T]`` bool."""
     cal = calibrate(old, live, rewards, groups, options, advantages)
     logp, parts = get(options.backend).fused_loss(
         logits, target_ids, live, old, ref, cal.advantages, cal.scratch[WEIGHT_ROW], grad, options

@@ -186,7 +186,7 @@ def calibrate(
     into: Optional[Calibration] = None,
 ) -> Calibration:
     """Steps 3-7 and the row weights.  ``old [B, T]`` (any float dtype and strides; None
-    only in grpo mode or with caller-given ``advantages [B]``), ``live [B, T]`` uint8 0/1,
+    only in grpo mode or with caller-given ``advantages [B]``), ``live [B, T]`` bool,
     ``rewards [B]``.  ``into`` rewrites an earlier calibration's buffers (grpo on-policy: the
     confidences are filled in after the vocabulary pass has made the log-probs)."""
     batch, length = live.shape

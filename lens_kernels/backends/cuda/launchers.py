@@ -63,7 +63,7 @@ def logprobs_forward(
     logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, lse)``, both ``[B, T]`` fp32: one block per row, logits read once; rows where
-    ``live`` (uint8 ``[B, T]``) is 0 are not read and get 0."""
+    ``live`` (bool ``[B, T]``) is 0 are not read and get 0."""
     batch, length, vocab = logits.shape
     _require("target_ids", target_ids, torch.int64, contiguous=False)
     logp = torch.empty((batch, length), dtype=torch.float32, device=logits.device)

@@ -92,7 +92,7 @@ def fused_loss(
     """``(logp [B, T] fp32, parts [3, B*T] float64)`` and, unless ``grad`` is None, the
     gradient of the loss written into ``grad [B, T, V]`` (a new buffer or the logits).
 
-    ``live [B, T]`` uint8; ``old``/``ref [B, T]`` float (any strides; ``old`` None: on-policy);
+    ``live [B, T]`` bool; ``old``/``ref [B, T]`` float (any strides; ``old`` None: on-policy);
     ``advantages [B]`` (any float dtype), ``weights [B]`` float64 from the calibration.
     """
     check_layout(logits, target_ids)

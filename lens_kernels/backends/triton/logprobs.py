@@ -150,7 +150,7 @@ def logprobs_forward(
     logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, lse)``, both ``[B, T]`` fp32 contiguous, for ``z = logits * inv_temperature``;
-    rows where ``live [B, T]`` (uint8, any strides) is 0 are not read and get 0."""
+    rows where ``live [B, T]`` (bool, any strides) is 0 are not read and get 0."""
     check_layout(logits, target_ids)
     batch, seq, vocab = logits.shape
     logp = torch.empty((batch, seq), device=logits.device, dtype=torch.float32)

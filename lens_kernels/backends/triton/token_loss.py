@@ -72,7 +72,7 @@ def token_loss(
     options: LensOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogp [B, T] fp32, parts [3, P] float64)`` from ``logp [B, T]`` fp32 contiguous,
-    ``old``/``ref`` (any float dtype and strides; ``old`` None: on-policy), ``live`` uint8,
+    ``old``/``ref`` (any float dtype and strides; ``old`` None: on-policy), ``live`` bool,
     ``advantages [B]`` and the calibration's ``weights [B]`` float64."""
     batch, seq = logp.shape
     block_t = min(triton.next_power_of_2(max(seq, 1)), _TOKEN_BLOCK)
