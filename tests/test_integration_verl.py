@@ -183,11 +183,32 @@ def test_filter_groups_with_lens_raises():
     config.filter_groups.enable = True
     with pytest.raises(ValueError, match="algorithm.filter_groups.enable"):
         ray_trainer.compute_advantage(data, adv_estimator="lens", config=config)
+
+
+def verl_trainer_config(*overrides: str):
+    """verl's own ppo_trainer config composed with Hydra, as ``python -m verl.trainer.main_ppo`` does."""
+    from hydra import compose, initialize_config_dir
+    from verl.trainer import config as config_package
+
+    config_dir = os.path.dirname(config_package.__file__)
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose("ppo_trainer", overrides=list(overrides))
+
+
+def test_hydra_command_line_options_reach_the_estimator():
+    config = verl_trainer_config("algorithm.adv_estimator=lens", "+algorithm.lens.alpha=0.5",
+                                 "+algorithm.lens.length_gamma=0.9")
+    options = lens_verl.lens_options(config.algorithm)
+    assert (options["alpha"], options["length_gamma"], options["mode"]) == (0.5, 0.9, "lens")
+
+
+def test_filter_groups_with_lens_fails_at_start_up():
+    """verl's validate_config (called by main_ppo before any rollout) refuses the combination."""
     from verl.utils import config as verl_config
 
-    with pytest.raises(ValueError, match="algorithm.filter_groups.enable"):  # at start-up, before any rollout
-        verl_config.validate_config(OmegaConf.create({"algorithm": config}), use_reference_policy=False,
-                                    use_critic=False)
+    config = verl_trainer_config("algorithm.adv_estimator=lens", "algorithm.filter_groups.enable=True")
+    with pytest.raises(ValueError, match="algorithm.filter_groups.enable=True cannot be used"):
+        verl_config.validate_config(config, use_reference_policy=False, use_critic=False)
 
 
 @pytest.mark.parametrize("lens, message", [
