@@ -84,10 +84,10 @@ def _from_key(key: str) -> LensOptions:
 
 
 class EpilogueResult(NamedTuple):
-    """SPEC steps 3-9 (all in the work dtype; ``dlogp`` None where autograd provides it)."""
+    """SPEC steps 3-9 from the reference formulas (all in the work dtype); ``loss`` is
+    differentiable in the log-probs."""
 
     loss: torch.Tensor  # [] the aggregated objective
-    dlogp: Optional[torch.Tensor]  # [B, T] d loss / d logp (0 at masked-out positions)
     advantages: torch.Tensor  # [B]
     calibrated_rewards: Optional[torch.Tensor]  # [B]; None with caller-given advantages
     confidence: Optional[torch.Tensor]  # [B] pibar; None with caller-given advantages

@@ -243,8 +243,7 @@ def epilogue(
     """Steps 3-9 from token log-probs; ``loss`` is differentiable in ``logp``.
 
     Caller-given ``advantages [B]`` replace steps 3-7 (``groups`` is then unused, and the
-    calibration fields of the result are None).  ``dlogp`` of the returned record is None here
-    (autograd provides it); kernel backends return it explicitly.
+    calibration fields of the result are None).
     """
     if advantages is None:
         cal = calibrate(old, mask, rewards, groups, options)
@@ -261,7 +260,6 @@ def epilogue(
     dtype = logp.dtype
     return EpilogueResult(
         loss=aggregate(per_token, mask, options.loss_agg_mode),
-        dlogp=None,
         advantages=adv,
         calibrated_rewards=None if cal is None else cal.calibrated_rewards,
         confidence=None if cal is None else cal.confidence,

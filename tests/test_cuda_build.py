@@ -47,17 +47,17 @@ def test_header_declares_the_loader_signatures():
     for dtype, code in library.DTYPES.items():
         suffix = {torch.float32: "FLOAT32", torch.bfloat16: "BFLOAT16", torch.float16: "FLOAT16"}[dtype]
         assert re.search(rf"LK_{suffix} = {code}\b", header), suffix
-    for names, prefix in ((library.MODES, "LK_MODE_"), (library.LOSS_AGG_MODES, "LK_AGG_")):
-        for name, code in names.items():
-            assert re.search(rf"{prefix}{name.upper().replace('-', '_')} = {code}\b", header), name
+    fields = re.search(r"typedef struct \{(.*?)\} lk_surrogate_config;", header, re.S).group(1)
+    declared_fields = re.findall(r"(?:int32_t|double) (\w+);", fields)
+    assert declared_fields == [name for name, _ in library.SurrogateConfig._fields_]
 
 
 def test_library_loads_and_reports_no_device_without_a_gpu(monkeypatch):
     monkeypatch.setenv(library.LIBRARY_ENV, str(built_library()))
     library.load.cache_clear()
     try:
-        lib = library.load()  # checks ABI version and lk_epilogue_config's size
-        assert lib.lk_epilogue_config_size() == ctypes.sizeof(library.EpilogueConfig)
+        lib = library.load()  # checks ABI version and lk_surrogate_config's size
+        assert lib.lk_surrogate_config_size() == ctypes.sizeof(library.SurrogateConfig)
         assert b"dtype" in lib.lk_error_string(-1)
         assert not library.is_available(torch.device("cpu"))
         with pytest.raises(RuntimeError, match="unsupported dtype"):
@@ -65,7 +65,7 @@ def test_library_loads_and_reports_no_device_without_a_gpu(monkeypatch):
         if not torch.cuda.is_available():
             assert lib.lk_probe_device(0) != 0
             sizes = (1, 1, 1, 1, 1, 1)  # rejected before any launch: no pointer is dereferenced
-            assert lib.lk_logprobs_forward(8, 7, *sizes, 8, 1.0, 8, 8, None) == -1  # LK_ERROR_DTYPE
+            assert lib.lk_logprobs_forward(8, 7, *sizes, 8, 1, 1, None, 0, 0, 1.0, 8, 8, None) == -1  # LK_ERROR_DTYPE
             assert lib.lk_logprobs_forward(None, 0, *sizes, 8, 1.0, 8, 8, None) == -2  # LK_ERROR_ARGUMENT
     finally:
         library.load.cache_clear()
