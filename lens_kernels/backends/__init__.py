@@ -1,29 +1,32 @@
 """Backends of the fused LENS loss and how one is chosen.
 
-Every backend is a module that implements the same four launchers. The math they implement
-is ``lens_kernels.reference`` (SPEC section 1); the arguments were validated at the public
-boundary (``lens_kernels.validation``) before any launcher runs, so launchers only assert
-what their kernels rely on.
+The math is ``lens_kernels.reference`` (SPEC section 1); arguments were validated at the public
+boundary (``lens_kernels.validation``) before any launcher runs, so launchers only assert what
+their kernels rely on.  Options arrive as one :class:`lens_kernels.config.LensOptions`.
 
-``logprobs_forward(logits, target_ids, inv_temperature) -> (logp, lse)``
-    logits ``[B, T, V]`` fp32/bf16/fp16 with any strides; target_ids ``[B, T]`` int64
-    contiguous.  Returns ``logp`` and ``lse``, both ``[B, T]`` fp32 contiguous, where
-    ``lse = logsumexp_v(logits * inv_temperature)`` and ``logp = z[target] - lse``.
+Every backend provides the vocabulary pass (the ``token_logprobs`` op and the torch backend's
+loss use it):
 
-``logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace) -> grad``
-    grad_logp ``[B, T]`` fp32 contiguous.  Writes
-    ``grad[b, t, v] = grad_logp[b, t] * inv_temperature * (1[v == target] - exp(z - lse))``
-    in ``logits.dtype``; rows with ``grad_logp == 0`` get exact zeros (their logits are not
-    read).  With ``inplace=True`` the gradient goes into ``logits``' storage and ``logits`` is
-    returned; otherwise a new contiguous tensor is returned.
+``logprobs_forward(logits, target_ids, inv_temperature, live=None) -> (logp, lse)``
+    logits ``[B, T, V]`` fp32/bf16/fp16, any strides; ``target_ids [B, T]`` int64; ``live``
+    an optional bool ``[B, T]`` mask whose 0 rows are not read (their ``logp``/``lse`` are 0).
+    ``lse = logsumexp_v(logits * inv_temperature)``, ``logp = z[target] - lse``, ``[B, T]`` fp32.
 
-``epilogue_forward(logp, old, mask, rewards, groups, ref, cfg) -> EpilogueResult``
-    SPEC steps 3-9 on ``[B, T]`` fp32 inputs (``mask`` is fp32 0/1, ``ref`` may be None),
-    ``groups`` a :class:`lens_kernels.groups.GroupLayout`, ``cfg`` a
-    :class:`lens_kernels.config.LossConfig`.  Returns the loss and ``dlogp = d loss / d logp``
-    (the epilogue's backward is ``grad_loss * dlogp``), plus the per-row/group outputs.
-    The torch backend instead provides ``epilogue`` with the same arguments, plain PyTorch
-    differentiable in ``logp`` (``dlogp`` None): autograd and ``torch.compile`` see through it.
+``logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace, grad_scale=None)``
+    ``grad[b, t, v] = grad_logp * grad_scale * inv_t * (1[v == target] - exp(z - lse))`` in
+    ``logits.dtype`` (``grad_scale`` a 0-dim tensor read on the device); rows with a zero
+    coefficient get zeros without reading the logits; ``inplace`` writes over ``logits``.
+
+The GPU backends (triton, cuda) also provide the token kernels of the loss, which
+``backends.kernel_loss`` sequences around the shared calibration of ``backends.common``:
+
+``fused_loss(logits, target_ids, live, old, ref, advantages, weights, grad, options) -> (logp, parts)``
+    the one-pass loss: log-prob, SPEC step 8 and the gradient of a row in one kernel.
+
+``token_loss(logp, old, live, ref, advantages, weights, options) -> (dlogp, parts)``
+    SPEC steps 8-9 on ``[B, T]`` log-probs (the two-pass path).
+
+The torch backend instead runs the reference epilogue under autograd (``epilogue``).
 """
 from __future__ import annotations
 

@@ -3,12 +3,15 @@
 One program per ``(b, t)`` row on a 1-D grid over ``N = B * T`` rows, so no grid dimension
 bounds ``T``.  Each program streams its row of ``V`` logits in ``BLOCK_V`` chunks:
 
-* forward: an online logsumexp in fp32 (running max ``m`` and rescaled sum ``s``), then one
-  extra load of the target logit; writes ``logp`` and ``lse`` (``[B, T]`` fp32) only;
-* backward: recomputes ``p = exp(z - lse)`` from the saved ``lse`` and writes
-  ``grad_logp * inv_t * (onehot - p)`` in the logits' dtype, into a new contiguous tensor or
-  back into the logits' own storage; rows with ``grad_logp == 0`` store zeros without
-  reading the logits (padding fast path, NaN-safe).
+* forward (``row_logprob``): an online logsumexp in fp32 (running max ``m`` and rescaled sum
+  ``s``), then one extra load of the target logit; writes ``logp`` and ``lse`` (``[B, T]`` fp32)
+  only; rows whose completion mask is 0 are not read;
+* backward (``write_row_grad``): recomputes ``p = exp(z - lse)`` from the saved ``lse`` and
+  writes ``grad_logp * grad_scale * inv_t * (onehot - p)`` in the logits' dtype, into a new
+  contiguous tensor or back into the logits' own storage; rows with a zero coefficient store
+  zeros without reading the logits (padding fast path, NaN-safe).
+
+``row_logprob`` and ``write_row_grad`` are shared with the one-pass loss (``fused_loss.py``).
 
 Addressing: the row index and ``b``, ``t`` are int64 before they meet a stride, and the
 vocabulary offset is widened to int64 before it is multiplied by ``stride_v``, so
