@@ -89,12 +89,13 @@ def train(trainer_cls, tmp_path, reward, **config):
     tokenizer = char_tokenizer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TRL's own defaults trip transformers' deprecations
-        args = LensGRPOConfig(
+        settings = dict(
             output_dir=str(tmp_path), per_device_train_batch_size=GROUP, num_generations=GROUP,
             max_completion_length=6, max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none",
             use_cpu=True, seed=0, shuffle_dataset=False, save_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=0, **config,
+            dataloader_num_workers=0,
         )
+        args = LensGRPOConfig(**{**settings, **config})
     dataset = datasets.Dataset.from_dict({"prompt": PROMPTS})
     trl_logger = logging.getLogger("trl")
     previous = trl_logger.level
@@ -186,3 +187,33 @@ def test_config_rejects_bad_lens_options(tmp_path, field, value, message):
 def test_config_defaults_to_paper_aggregation(tmp_path):
     args = LensGRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     assert (args.loss_type, args.lens_mode, args.lens_alpha) == ("grpo", "lens", 0.25)
+
+
+def test_two_processes_gather_rewards_and_stats_across_ranks(tmp_path):
+    """torchrun, 2 CPU processes: each group is split across the ranks, so LENS needs the gather."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port on the loopback for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = os.path.join(os.path.dirname(__file__), "_trl_two_process.py")
+    env = {**os.environ, "LENS_OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-3000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for step in range(2):
+        parts = [rank["records"][step] for rank in ranks]
+        width = max(p["mask"].size(1) for p in parts)
+
+        def cat(key):
+            return torch.cat([torch.nn.functional.pad(p[key], (0, width - p[key].size(1))) for p in parts])
+
+        rewards = torch.tensor(ranks[0]["rewards"][step] + ranks[1]["rewards"][step])
+        expected = lk.lens_advantages(cat("logps"), cat("mask"), rewards, group_size=GROUP).advantages
+        got = torch.cat([p["advantages"] for p in parts])
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=lambda m: f"step {step + 1}: {m}")
+    assert torch.cat([p["advantages"] for p in ranks[0]["records"][0:1] + ranks[1]["records"][0:1]]).abs().max() > 1e-4
