@@ -315,7 +315,12 @@ def fused_lens_loss(
              backend="torch", inplace_backward=False, check_values=check_values),
     )
     checks.settle()
-    logp = token_logprobs(logits, target_ids, temperature, compute_dtype)
+    # The loss reads the log-probs of masked-out positions through logits zeroed there, so that
+    # a NaN or all -inf row at such a position gets an exact zero gradient, not 0 * NaN (the
+    # returned ``logprobs`` are still those of the logits as given).
+    live = completion_mask.bool().unsqueeze(-1)
+    logp = token_logprobs(torch.where(live, logits, 0), target_ids, temperature, compute_dtype)
+    logp = torch.where(live.squeeze(-1), logp, token_logprobs(logits.detach(), target_ids, temperature, compute_dtype))
     old = logp.detach() if old_logprobs is None else old_logprobs.to(compute_dtype)
     ref = None if ref_logprobs is None else ref_logprobs.to(compute_dtype)
     result = epilogue(

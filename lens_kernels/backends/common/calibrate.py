@@ -103,11 +103,13 @@ def _calibrate_kernel(
 
             # steps 4-5: negative group, difficulty
             negative = tl.max(tl.where(valid, r, 0.0), axis=1) == 0
-            peak = tl.max(tl.where(valid, pibar, 0.0), axis=1)
+            # a NaN confidence makes the group's peak NaN, as torch's amax does (tl.max drops NaN)
+            peak = tl.max(tl.where(valid, pibar, 0.0), axis=1) \
+                + tl.sum(tl.where(valid & (pibar != pibar), float("nan"), 0.0), axis=1)
             alive = valid & (pibar > 0)
             inverse_sum = tl.sum(tl.where(alive, r / tl.where(alive, pibar, 1.0), 0.0), axis=1)
             implied = tl.where(inverse_sum > 0, g / tl.where(inverse_sum > 0, inverse_sum, 1.0), float("inf"))
-            difficulty = tl.where(negative, 2 * peak, tl.maximum(implied, 2 * peak))
+            difficulty = tl.where(negative, 2 * peak, tl.maximum(implied, 2 * peak, tl.PropagateNan.ALL))
 
             # step 6 (or 10): calibrated rewards
             if USE_GAMMA:

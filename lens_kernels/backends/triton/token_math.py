@@ -23,8 +23,10 @@ def token_terms(
     ``loss = -min(a * ratio, a * clip(ratio))`` with ``ratio = exp(logp - old)``, then the
     dual clip ``min(loss, -a * c)`` for ``a < 0`` and ``+ beta * k3`` when ``ADD_KL``.
     """
+    # NaN-propagating min/max (Triton's default drops a NaN operand, torch's keeps it): a NaN
+    # log-prob or old log-prob gives a NaN loss, as in the reference.
     ratio = tl.exp(logp - old)
-    clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+    clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low, tl.PropagateNan.ALL), clip_high, tl.PropagateNan.ALL)
     unclipped = a * ratio
     clipped = a * clipped_ratio
     d_unclipped = a * ratio
@@ -33,14 +35,14 @@ def token_terms(
         unclipped < clipped, d_unclipped,
         tl.where(clipped < unclipped, d_clipped, 0.5 * (d_unclipped + d_clipped)),
     )
-    loss = -tl.minimum(unclipped, clipped)
+    loss = -tl.minimum(unclipped, clipped, tl.PropagateNan.ALL)
     d_loss = -d_min
     is_clipped = tl.where(-clipped > -unclipped, 1.0, 0.0).to(tl.float64)
     if DUAL_CLIP:
         cap = -a * clip_ratio_c
         d_capped = tl.where(loss < cap, d_loss, tl.where(loss == cap, 0.5 * d_loss, 0.0))
         d_loss = tl.where(a < 0, d_capped, d_loss)
-        loss = tl.where(a < 0, tl.minimum(loss, cap), loss)
+        loss = tl.where(a < 0, tl.minimum(loss, cap, tl.PropagateNan.ALL), loss)
     k3 = tl.zeros_like(loss)
     if HAS_REF:
         delta = ref - logp
