@@ -39,7 +39,8 @@ def lens_advantages_from_stats(
     ``logp_sum [B]``: the sum of each row's old (sampler) log-probs over its completion
     tokens; ``n_tokens [B]``: its number of completion tokens (0 allowed: ``pibar = 0``);
     ``rewards [B]`` in ``[0, 1]``; groups as in :func:`lens_kernels.fused_lens_loss`.
-    Runs the reference formulas in float64 on the inputs' device and returns fp32.
+    Runs the reference formulas in float64 on the inputs' device and returns fp32.  An empty
+    batch (``B = 0``) gives empty outputs and ``negative_group_fraction = 0`` (never NaN).
     """
     if not isinstance(logp_sum, torch.Tensor) or logp_sum.dim() != 1:
         raise ValueError(f"logp_sum: expected a [B] floating-point tensor, got {_describe(logp_sum)}")
@@ -79,7 +80,7 @@ def lens_advantages(
 
     ``old_logprobs [B, T]`` (the policy that sampled), ``completion_mask [B, T]``,
     ``rewards [B]`` in ``[0, 1]``; groups as in :func:`lens_kernels.fused_lens_loss`.  A thin
-    wrapper over :func:`lens_advantages_from_stats`.
+    wrapper over :func:`lens_advantages_from_stats` (``B = 0``: empty outputs, fraction 0).
     """
     if not isinstance(old_logprobs, torch.Tensor) or old_logprobs.dim() != 2:
         raise ValueError(f"old_logprobs: expected a [B, T] floating-point tensor, got {_describe(old_logprobs)}")

@@ -1,6 +1,7 @@
 """The public loss functions: ``fused_lens_loss`` and ``token_logprobs``."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -74,6 +75,11 @@ def fused_lens_loss(
     ``advantages``, ``calibrated_rewards`` and ``confidence`` ``[B]``, ``difficulty
     [num_groups]``, and the 0-dim metrics ``negative_group_fraction``, ``clip_fraction``,
     ``kl`` (None without ``ref_logprobs``).
+
+    An empty batch (``B = 0``, with ``group_size`` or ``group_index``) is legal: the loss and
+    every metric are 0 (never NaN) and the per-row/group outputs are empty.  Logits that do
+    not require grad give the loss with no gradient: a ``UserWarning`` says so once per
+    process (``loss.backward()`` would then fail with PyTorch's own error).
     """
     inputs, options, checks = validate_loss(
         logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs, ref_logprobs,
@@ -83,6 +89,7 @@ def fused_lens_loss(
              length_gamma=length_gamma, backend=backend, inplace_backward=inplace_backward,
              check_values=check_values),
     )
+    _warn_no_grad(logits)
     if options.backend == "torch":
         out = _torch_loss(inputs, options)
     else:
@@ -94,6 +101,23 @@ def fused_lens_loss(
     checks.finite("logits", out.logprobs, inputs.mask, _FINITE_HINT)
     checks.settle()
     return out
+
+
+_WARNED_NO_GRAD = False
+
+
+def _warn_no_grad(logits: torch.Tensor) -> None:
+    """Warn once per process when the loss cannot be differentiated (logits without grad)."""
+    global _WARNED_NO_GRAD
+    if _WARNED_NO_GRAD or logits.requires_grad or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    _WARNED_NO_GRAD = True
+    warnings.warn(
+        "fused_lens_loss: logits do not require grad, so the loss has no gradient "
+        "(loss.backward() will fail); pass logits from a model with requires_grad, or ignore "
+        "this for evaluation (shown once per process)",
+        UserWarning, stacklevel=3,
+    )
 
 
 def _live(mask: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,20 @@ def resolve(name: str, device: torch.device) -> str:
     if not resolved:
         raise ValueError(
             f"backend: {name!r} is not available for tensors on {device} "
-            f"(available here: {[b for b in _MODULES if is_available(b, device)]})"
+            f"(available here: {[b for b in _MODULES if is_available(b, device)]}){_why(name, device)}"
         )
     return resolved
+
+
+def _why(name: str, device: torch.device) -> str:
+    """For ``"cuda"``: whether the compiled library was built and loads, and what it needs."""
+    if name != "cuda":
+        return ""
+    try:
+        from .cuda import library
+        error = library.load_error()
+    except ImportError as exc:  # pragma: no cover - the module itself fails to import
+        error = str(exc)
+    built = "the CUDA library is built and loads" if error is None else f"the CUDA library is not usable: {error}"
+    needs = "" if device.type == "cuda" else "; it runs on CUDA tensors only"
+    return f"; {built}{needs}"
