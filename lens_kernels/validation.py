@@ -164,16 +164,23 @@ def check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
     return True
 
 
-def check_targets(target_ids, logits: torch.Tensor, mask: Optional[torch.Tensor], checks: ValueChecks) -> torch.Tensor:
-    """``target_ids``: int64 ``[B, T]`` with ``0 <= id < V`` wherever ``mask`` is set (any
-    value, e.g. the transformers label -100, at masked-out positions)."""
-    batch, length, vocab = logits.shape
+def check_shift(target_ids, logits: torch.Tensor) -> None:
+    """``[B, T']`` targets for ``[B, T, V]`` logits with ``T' != T``: name the forgotten shift
+    (checked first, so that the other ``[B, T]`` arguments are not blamed for it)."""
+    batch, length, _ = logits.shape
     if isinstance(target_ids, torch.Tensor) and target_ids.dim() == 2 and target_ids.shape[0] == batch \
             and target_ids.shape[1] != length:
         raise ValueError(
             f"target_ids: logits and targets disagree in T ({length} vs {target_ids.shape[1]}); "
             "logits[b, t] must predict target_ids[b, t] (e.g. logits[:, :-1] for targets input_ids[:, 1:])"
         )
+
+
+def check_targets(target_ids, logits: torch.Tensor, mask: Optional[torch.Tensor], checks: ValueChecks) -> torch.Tensor:
+    """``target_ids``: int64 ``[B, T]`` with ``0 <= id < V`` wherever ``mask`` is set (any
+    value, e.g. the transformers label -100, at masked-out positions)."""
+    batch, length, vocab = logits.shape
+    check_shift(target_ids, logits)
     _tensor("target_ids", target_ids, (batch, length), logits.device)
     if target_ids.dtype != torch.int64:
         raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
@@ -255,8 +262,12 @@ def advantage_options(mode, alpha, scale_by_std, std_eps, length_gamma) -> dict:
 
 def check_temperature(temperature) -> float:
     temperature = _number("temperature", temperature, 0.0, open_low=True)
-    if not math.isfinite(1.0 / temperature) or 1.0 / temperature > 1e30:
-        raise ValueError(f"temperature: expected a value whose inverse is a finite fp32 number, got {temperature!r}")
+    inverse = 1.0 / temperature
+    if not math.isfinite(inverse) or inverse > 1e30 or inverse < torch.finfo(torch.float32).tiny:
+        raise ValueError(
+            f"temperature: expected a value whose inverse is a finite, normal fp32 number "
+            f"(about 1e-30 <= temperature <= 1e38), got {temperature!r}"
+        )
     return temperature
 
 
@@ -290,6 +301,7 @@ def validate_loss(
     Returns the inputs, the options and the pending value checks (the caller settles them,
     with the finiteness of the log-probs, in one host sync)."""
     check_logits(logits)
+    check_shift(target_ids, logits)
     batch, length, _ = logits.shape
     device = logits.device
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
