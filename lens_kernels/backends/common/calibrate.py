@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ...config import LENGTH_GAMMA_MIN_GAP, LOSS_AGG_MODES, LensOptions
 from ...groups import GroupLayout
+from .nan_math import nan_maximum
 
 # scratch rows ([4, B] float64) and batch scalars ([4] float64)
 N_ROW, PIBAR_ROW, ADV_ROW, WEIGHT_ROW = range(4)
@@ -109,7 +110,7 @@ def _calibrate_kernel(
             alive = valid & (pibar > 0)
             inverse_sum = tl.sum(tl.where(alive, r / tl.where(alive, pibar, 1.0), 0.0), axis=1)
             implied = tl.where(inverse_sum > 0, g / tl.where(inverse_sum > 0, inverse_sum, 1.0), float("inf"))
-            difficulty = tl.where(negative, 2 * peak, tl.maximum(implied, 2 * peak, tl.PropagateNan.ALL))
+            difficulty = tl.where(negative, 2 * peak, nan_maximum(implied, 2 * peak))
 
             # step 6 (or 10): calibrated rewards
             if USE_GAMMA:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common.nan_math import nan_maximum, nan_minimum
+
 
 @triton.jit
 def token_terms(
@@ -26,7 +28,7 @@ def token_terms(
     # NaN-propagating min/max (Triton's default drops a NaN operand, torch's keeps it): a NaN
     # log-prob or old log-prob gives a NaN loss, as in the reference.
     ratio = tl.exp(logp - old)
-    clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low, tl.PropagateNan.ALL), clip_high, tl.PropagateNan.ALL)
+    clipped_ratio = nan_minimum(nan_maximum(ratio, clip_low), clip_high)
     unclipped = a * ratio
     clipped = a * clipped_ratio
     d_unclipped = a * ratio
@@ -35,14 +37,14 @@ def token_terms(
         unclipped < clipped, d_unclipped,
         tl.where(clipped < unclipped, d_clipped, 0.5 * (d_unclipped + d_clipped)),
     )
-    loss = -tl.minimum(unclipped, clipped, tl.PropagateNan.ALL)
+    loss = -nan_minimum(unclipped, clipped)
     d_loss = -d_min
     is_clipped = tl.where(-clipped > -unclipped, 1.0, 0.0).to(tl.float64)
     if DUAL_CLIP:
         cap = -a * clip_ratio_c
         d_capped = tl.where(loss < cap, d_loss, tl.where(loss == cap, 0.5 * d_loss, 0.0))
         d_loss = tl.where(a < 0, d_capped, d_loss)
-        loss = tl.where(a < 0, tl.minimum(loss, cap, tl.PropagateNan.ALL), loss)
+        loss = tl.where(a < 0, nan_minimum(loss, cap), loss)
     k3 = tl.zeros_like(loss)
     if HAS_REF:
         delta = ref - logp
