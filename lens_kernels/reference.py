@@ -42,10 +42,12 @@ def token_logprobs(
 ) -> torch.Tensor:
     """Step 1: ``log softmax(logits / tau)[target]``.  ``[B, T, V] -> [B, T]``.  Ids outside
     ``[0, V)`` (allowed at masked-out positions, e.g. the -100 label) are clamped: whatever
-    they give there is selected away by every later step."""
+    they give there is selected away by every later step.  Written ``z[target] - logsumexp(z)``
+    (not ``log_softmax``, which is NaN over a whole row holding +inf): a +inf logit elsewhere in
+    the row gives -inf, as the fused backends do."""
     z = logits.to(compute_dtype) / temperature
     ids = target_ids.clamp(0, logits.shape[-1] - 1)
-    return z.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
 
 
 def sequence_stats(old: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +196,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg_mode: str) -
     if loss_agg_mode == "seq-mean-token-sum":
         return values.sum() / rows
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        return values.sum() / mask.numel()
+        return values.sum() / max(mask.numel(), 1)  # B = 0 or T = 0: 0, not 0 / 0
     raise ValueError(f"loss_agg_mode: unknown {loss_agg_mode!r}")
 
 
