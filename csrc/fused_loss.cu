@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_loss_kernel(const T* logits
 template <typename T>
 int launch_fused(const void* logits, void* grad, const FusedArgs& args, const lk_surrogate_config& cfg,
                  cudaStream_t stream) {
-  const int threads = block_threads((args.vocab * static_cast<int64_t>(sizeof(T)) + 15) / 16);
+  const int threads = row_threads<T>(args.vocab);
   fused_loss_kernel<T><<<row_blocks(args.rows), threads, 0, stream>>>(static_cast<const T*>(logits),
                                                                       static_cast<T*>(grad), args, cfg);
   return static_cast<int>(cudaGetLastError());

@@ -62,7 +62,7 @@ int launch_forward(const void* logits, int64_t batch, int64_t length, int64_t vo
                    int64_t target_stride_t, const uint8_t* live, int64_t live_stride_b, int64_t live_stride_t,
                    float inv_t, float* logp, float* lse, cudaStream_t stream) {
   const int64_t rows = batch * length;
-  const int threads = block_threads((vocab * static_cast<int64_t>(sizeof(T)) + 15) / 16);
+  const int threads = row_threads<T>(vocab);
   logprobs_forward_kernel<T><<<row_blocks(rows), threads, 0, stream>>>(
       static_cast<const T*>(logits), target, live, logp, lse, rows, length, vocab, stride_b, stride_t, stride_v,
       target_stride_b, target_stride_t, live_stride_b, live_stride_t, inv_t);
@@ -76,7 +76,7 @@ int launch_backward(const float* grad_logp, const float* grad_scale, const void*
                     float inv_t, void* grad, int64_t grad_stride_b, int64_t grad_stride_t, int64_t grad_stride_v,
                     cudaStream_t stream) {
   const int64_t rows = batch * length;
-  const int threads = block_threads((vocab * static_cast<int64_t>(sizeof(T)) + 15) / 16);
+  const int threads = row_threads<T>(vocab);
   logprobs_backward_kernel<T><<<row_blocks(rows), threads, 0, stream>>>(
       grad_logp, grad_scale, static_cast<const T*>(logits), target, lse, static_cast<T*>(grad), rows, length, vocab,
       stride_b, stride_t, stride_v, target_stride_b, target_stride_t, grad_stride_b, grad_stride_t, grad_stride_v,

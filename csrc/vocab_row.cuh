@@ -24,6 +24,13 @@ namespace lk {
 
 inline bool bad_sizes(int64_t batch, int64_t length, int64_t vocab) { return batch < 0 || length < 0 || vocab < 1; }
 
+// Threads of a block that sweeps one row of `vocab` elements of type T (about four 16-byte
+// vectors per thread).
+template <typename T>
+inline int row_threads(int64_t vocab) {
+  return block_threads((vocab * static_cast<int64_t>(sizeof(T)) + 15) / 16);
+}
+
 constexpr int kUnroll = 4;  // independent 16-byte loads in flight per thread
 
 // Running logsumexp of a set of values: max m and s = sum exp(z - m).  m == -inf means every
