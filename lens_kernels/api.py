@@ -94,7 +94,7 @@ def fused_lens_loss(
         out = _torch_loss(inputs, options)
     else:
         out = LensOutput(**ops.kernel_loss_forward(
-            inputs.logits, inputs.target_ids, _live(inputs.mask), inputs.rewards, inputs.old, inputs.ref,
+            inputs.logits, inputs.target_ids, live_mask(inputs.mask), inputs.rewards, inputs.old, inputs.ref,
             inputs.advantages, inputs.groups, options,
         ))
         out.logprobs = out.logprobs.detach()
@@ -120,7 +120,7 @@ def _warn_no_grad(logits: torch.Tensor) -> None:
     )
 
 
-def _live(mask: torch.Tensor) -> torch.Tensor:
+def live_mask(mask: torch.Tensor) -> torch.Tensor:
     """The completion mask as the kernels read it: bool (one byte, 0/1; no copy for a bool mask)."""
     return mask if mask.dtype == torch.bool else mask != 0
 

@@ -7,10 +7,13 @@ from typing import Optional
 import torch
 
 from . import linear_ops
+from .api import live_mask
 from .backends import torch_backend
+from .backends.kernel_loss import one_pass_applies
+from .config import LensOptions
 from .linear_validation import check_linear, check_linear_backend, logits_stand_in
 from .output import LensOutput
-from .validation import ValueChecks, check_targets, check_temperature, validate_loss
+from .validation import LossInputs, ValueChecks, check_targets, check_temperature, validate_loss
 
 _FINITE_HINT = "; pass check_values=False to get a non-finite loss instead"
 
@@ -96,9 +99,27 @@ def fused_linear_lens_loss(
              temperature=temperature, loss_agg_mode=loss_agg_mode, scale_by_std=scale_by_std, std_eps=std_eps,
              length_gamma=length_gamma, backend=linear_backend, inplace_backward=False, check_values=check_values),
     )
-    logp = linear_ops.linear_token_logprobs(
-        hidden.reshape(batch * length, dim), weight, bias, target_ids.reshape(-1), options.temperature, linear_backend
-    ).view(batch, length)
+    flat = hidden.reshape(batch * length, dim)
+    if linear_backend == "triton" and one_pass_applies(options, inputs.old is not None, inputs.advantages is not None):
+        out = LensOutput(**linear_ops.linear_loss_one_pass(
+            flat, weight, bias, inputs.target_ids, live_mask(inputs.mask), inputs.rewards, inputs.old, inputs.ref,
+            inputs.advantages, inputs.groups, options,
+        ))
+        logp = out.logprobs
+    else:
+        logp = linear_ops.linear_token_logprobs(
+            flat, weight, bias, target_ids.reshape(-1), options.temperature, linear_backend
+        ).view(batch, length)
+        out = _recompute_loss(logp, inputs, options)
+    checks.finite("hidden/weight", logp.detach(), inputs.mask, _FINITE_HINT)
+    checks.settle()
+    return out
+
+
+def _recompute_loss(logp: torch.Tensor, inputs: LossInputs, options: LensOptions) -> LensOutput:
+    """The loss of differentiable log-probs ``logp [B, T]`` through the reference epilogue
+    (torch ops, under autograd): the backward reaches the fused-linear op, which recomputes
+    the logits (four GEMMs in all)."""
     work = logp.dtype
     result = torch_backend.epilogue(
         logp, logp.detach() if inputs.old is None else inputs.old.to(work), inputs.mask, inputs.rewards.to(work),
@@ -106,7 +127,4 @@ def fused_linear_lens_loss(
         None if inputs.ref is None else inputs.ref.to(work), options,
         None if inputs.advantages is None else inputs.advantages.to(work),
     )
-    out = LensOutput.from_epilogue(result, torch.where(inputs.mask.bool(), logp, 0).detach())
-    checks.finite("hidden/weight", logp.detach(), inputs.mask, _FINITE_HINT)
-    checks.settle()
-    return out
+    return LensOutput.from_epilogue(result, torch.where(inputs.mask.bool(), logp, 0).detach())

@@ -1,9 +1,14 @@
-"""``torch.library`` custom ops of the fused-linear vocabulary pass, with fake kernels and autograd.
+"""``torch.library`` custom ops of the fused-linear path, with fake kernels and autograd.
 
-One differentiable op, ``(hidden [N, d], weight [V, d], bias [V] or None) -> logp [N]``: its
-forward returns the per-row logsumexp as well (saved for the backward, not differentiable),
-its backward recomputes the logits from the saved inputs and returns ``dh``, ``dW`` and
-``dbias`` in one call.  As custom ops both are opaque to ``torch.compile``.
+* ``linear_logprobs_fwd`` / ``_bwd``: the differentiable vocabulary pass ``(hidden [N, d],
+  weight [V, d], bias [V] or None) -> logp [N]``: its forward returns the per-row logsumexp as
+  well (saved for the backward, not differentiable), its backward recomputes the logits from
+  the saved inputs and returns ``dh``, ``dW`` and ``dbias`` in one call.
+* ``linear_loss_one_pass``: the whole loss in one pass on Triton (``backends.triton.
+  linear_one_pass``), with the gradients made during the forward; :class:`LinearLensLoss`
+  is its autograd, whose backward scales them by ``grad_output`` (``ops.scale_rows_``).
+
+As custom ops they are opaque to ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -11,6 +16,10 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from . import ops
+from .config import LensOptions
+from .groups import GroupLayout
 
 _LIB = "lens_kernels"
 
@@ -87,3 +96,81 @@ def linear_token_logprobs(
     at ``target_ids [N]`` through backend ``backend`` (no checks)."""
     logp, _ = _linear_fwd(hidden, weight, bias, target_ids, 1.0 / temperature, backend)
     return logp
+
+
+# ---- the whole loss in one pass (Triton) ----------------------------------------------------
+
+
+def _loss_one_pass_impl(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, live: Tensor, rewards: Tensor,
+    old: Optional[Tensor], ref: Optional[Tensor], advantages: Optional[Tensor], order: Optional[Tensor],
+    start: Optional[Tensor], size: Optional[Tensor], group_sizes: list[int], options: str, needs: list[bool],
+) -> list[Tensor]:
+    from .backends.triton.linear_one_pass import linear_one_pass
+
+    result, grads = linear_one_pass(
+        hidden, weight, bias, target_ids, live, rewards, old, ref, advantages,
+        ops.group_layout(target_ids.shape[0], group_sizes, order, start, size), LensOptions.from_key(options),
+        (needs[0], needs[1], needs[2]),
+    )
+    return ops.flatten_results(result, live) + [hidden.new_empty(0) if g is None else g for g in grads]
+
+
+_loss_one_pass = torch.library.custom_op(f"{_LIB}::linear_loss_one_pass", _loss_one_pass_impl, mutates_args=())
+
+
+@_loss_one_pass.register_fake
+def _(hidden, weight, bias, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes,
+      options, needs):
+    results = ops.fake_results(target_ids, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None and need else hidden.new_empty(0)
+             for t, need in zip((hidden, weight, bias), needs)]
+    return results + grads
+
+
+class LinearLensLoss(torch.autograd.Function):
+    """The one-pass fused-linear loss, differentiable in ``hidden``, ``weight`` and ``bias``
+    (every other output detached).  The forward makes the gradients the inputs need
+    (``ctx.needs_input_grad``); the backward multiplies them by ``grad_output`` in place."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, live, rewards, old, ref, advantages, order, start, size,
+                group_sizes, key: str):
+        needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+        ctx.set_materialize_grads(False)
+        *results, dh, dw, db = ops.call_op(
+            _loss_one_pass, _loss_one_pass_impl, hidden, weight, bias, target_ids, live, rewards, old, ref,
+            advantages, order, start, size, group_sizes, key, needs,
+        )
+        ctx.needs = needs
+        ctx.save_for_backward(dh, dw, db)
+        ctx.mark_non_differentiable(*results[1:])
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if grad_loss is None:
+            return (None,) * 14
+        grads = []
+        for grad, need in zip(ctx.saved_tensors, ctx.needs):
+            if need:  # [N, d], [V, d] or [V]: rows of the last dimension
+                ops.call_op(ops.scale_rows_op, ops.scale_rows_impl, grad.view(1, -1, grad.shape[-1]), grad_loss)
+            grads.append(grad if need else None)
+        return (*grads,) + (None,) * 11
+
+
+def linear_loss_one_pass(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, live: Tensor, rewards: Tensor,
+    old: Optional[Tensor], ref: Optional[Tensor], advantages: Optional[Tensor], groups: Optional[GroupLayout],
+    options: LensOptions,
+) -> dict:
+    """The one-pass fused-linear loss (``hidden [N, d]``; arguments checked) as the dict of
+    :func:`lens_kernels.ops.named_results`; ``loss`` is differentiable in hidden, weight and bias."""
+    args = (hidden, weight, bias, target_ids, live, rewards, old, ref, advantages, *ops.group_args(groups),
+            options.key)
+    wants = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if wants:
+        results = LinearLensLoss.apply(*args)
+    else:  # nothing to differentiate: the forward GEMM and the loss kernel only
+        results = ops.call_op(_loss_one_pass, _loss_one_pass_impl, *args, [False, False, False])[:-3]
+    return ops.named_results(results, advantages, ref)

@@ -115,7 +115,7 @@ _RESULTS = ("loss", "logprobs", "advantages", "calibrated_rewards", "confidence"
             "negative_group_fraction", "clip_fraction", "kl")
 
 
-def _group_args(groups: Optional[GroupLayout]) -> tuple:
+def group_args(groups: Optional[GroupLayout]) -> tuple:
     """A layout as custom-op arguments: ``order, start, size`` and ``[num_groups, max_size,
     group_size]`` (``[]`` without groups)."""
     if groups is None:
@@ -123,14 +123,14 @@ def _group_args(groups: Optional[GroupLayout]) -> tuple:
     return groups.order, groups.start, groups.size, [groups.num_groups, groups.max_size, groups.group_size]
 
 
-def _groups(batch: int, sizes: list[int], order, start, size) -> Optional[GroupLayout]:
+def group_layout(batch: int, sizes: list[int], order, start, size) -> Optional[GroupLayout]:
     if not sizes:
         return None
     num_groups, max_size, group_size = sizes
     return GroupLayout(batch, num_groups, max_size, group_size, None, order, start, size)
 
 
-def _flatten(result: kernel_loss.KernelLoss, like: Tensor) -> list[Tensor]:
+def flatten_results(result: kernel_loss.KernelLoss, like: Tensor) -> list[Tensor]:
     calibration = result.calibration
     if calibration is None:  # distinct empty tensors: outputs of a custom op may not alias
         calibration = tuple(like.new_empty(0, dtype=torch.float32) for _ in range(5))
@@ -138,9 +138,10 @@ def _flatten(result: kernel_loss.KernelLoss, like: Tensor) -> list[Tensor]:
     return [result.loss, result.logp, *calibration, result.clip_fraction, kl]
 
 
-def _fake_results(logits: Tensor, has_groups: bool, num_groups: int, has_ref: bool) -> list[Tensor]:
-    batch, length = logits.shape[:2]
-    f32 = dict(device=logits.device, dtype=torch.float32)
+def fake_results(like: Tensor, has_groups: bool, num_groups: int, has_ref: bool) -> list[Tensor]:
+    """Fake results of a loss op whose ``[B, T, ...]`` input ``like`` gives the shape and device."""
+    batch, length = like.shape[:2]
+    f32 = dict(device=like.device, dtype=torch.float32)
     row = lambda: torch.empty(batch if has_groups else 0, **f32)  # noqa: E731
     return [torch.empty((), **f32), torch.empty((batch, length), **f32), row(), row(), row(),
             torch.empty(num_groups if has_groups else 0, **f32), torch.empty(() if has_groups else 0, **f32),
@@ -155,8 +156,8 @@ def _loss_one_pass_impl(
     opts = LensOptions.from_key(options)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
     result = kernel_loss.one_pass(logits, target_ids, live, rewards, old, ref, advantages,
-                                  _groups(logits.shape[0], group_sizes, order, start, size), opts, grad)
-    return _flatten(result, live) + ([grad] if write_grad else [])
+                                  group_layout(logits.shape[0], group_sizes, order, start, size), opts, grad)
+    return flatten_results(result, live) + ([grad] if write_grad else [])
 
 
 _loss_one_pass = torch.library.custom_op(f"{_LIB}::loss_one_pass", _loss_one_pass_impl, mutates_args=())
@@ -164,7 +165,7 @@ _loss_one_pass = torch.library.custom_op(f"{_LIB}::loss_one_pass", _loss_one_pas
 
 @_loss_one_pass.register_fake
 def _(logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, options, write_grad):
-    results = _fake_results(logits, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
+    results = fake_results(logits, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
     return results + ([torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)] if write_grad else [])
 
 
@@ -175,8 +176,8 @@ def _loss_one_pass_inplace_impl(
 ) -> list[Tensor]:
     opts = LensOptions.from_key(options)
     result = kernel_loss.one_pass(logits, target_ids, live, rewards, old, ref, advantages,
-                                  _groups(logits.shape[0], group_sizes, order, start, size), opts, logits)
-    return _flatten(result, live)
+                                  group_layout(logits.shape[0], group_sizes, order, start, size), opts, logits)
+    return flatten_results(result, live)
 
 
 _loss_one_pass_inplace = torch.library.custom_op(f"{_LIB}::loss_one_pass_inplace", _loss_one_pass_inplace_impl, mutates_args=("logits",))
@@ -184,7 +185,7 @@ _loss_one_pass_inplace = torch.library.custom_op(f"{_LIB}::loss_one_pass_inplace
 
 @_loss_one_pass_inplace.register_fake
 def _(logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, options):
-    return _fake_results(logits, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
+    return fake_results(logits, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
 
 
 def _loss_two_pass_impl(
@@ -193,8 +194,8 @@ def _loss_two_pass_impl(
 ) -> list[Tensor]:
     opts = LensOptions.from_key(options)
     result = kernel_loss.two_pass(logits, target_ids, live, rewards, ref,
-                                  _groups(logits.shape[0], group_sizes, order, start, size), opts)
-    return _flatten(result, live) + [result.lse, result.dlogp]
+                                  group_layout(logits.shape[0], group_sizes, order, start, size), opts)
+    return flatten_results(result, live) + [result.lse, result.dlogp]
 
 
 _loss_two_pass = torch.library.custom_op(f"{_LIB}::loss_two_pass", _loss_two_pass_impl, mutates_args=())
@@ -203,22 +204,22 @@ _loss_two_pass = torch.library.custom_op(f"{_LIB}::loss_two_pass", _loss_two_pas
 @_loss_two_pass.register_fake
 def _(logits, target_ids, live, rewards, ref, order, start, size, group_sizes, options):
     logp_like = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
-    return _fake_results(logits, True, group_sizes[0], ref is not None) + [logp_like, torch.empty_like(logp_like)]
+    return fake_results(logits, True, group_sizes[0], ref is not None) + [logp_like, torch.empty_like(logp_like)]
 
 
-def _scale_rows_impl(grad: Tensor, grad_output: Tensor) -> None:
+def scale_rows_impl(grad: Tensor, grad_output: Tensor) -> None:
     scale_rows_(grad, grad_output)
 
 
-_scale_rows = torch.library.custom_op(f"{_LIB}::scale_rows_", _scale_rows_impl, mutates_args=("grad",))
+scale_rows_op = torch.library.custom_op(f"{_LIB}::scale_rows_", scale_rows_impl, mutates_args=("grad",))
 
 
-@_scale_rows.register_fake
+@scale_rows_op.register_fake
 def _(grad, grad_output):
     return None
 
 
-def _call(op, impl, *args):
+def call_op(op, impl, *args):
     """A loss custom op in eager mode runs its implementation directly: the op's Python
     dispatch costs tens of microseconds of host time per call, and only ``torch.compile``
     needs the op (which it treats as opaque)."""
@@ -239,13 +240,13 @@ class LensLoss(torch.autograd.Function):
         if one_pass:
             args = (logits, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes, key)
             if inplace:
-                results = _call(_loss_one_pass_inplace, _loss_one_pass_inplace_impl, *args)
+                results = call_op(_loss_one_pass_inplace, _loss_one_pass_inplace_impl, *args)
                 grad = logits
             else:
-                *results, grad = _call(_loss_one_pass, _loss_one_pass_impl, *args, True)
+                *results, grad = call_op(_loss_one_pass, _loss_one_pass_impl, *args, True)
             ctx.save_for_backward(grad)
         else:
-            *results, lse, dlogp = _call(
+            *results, lse, dlogp = call_op(
                 _loss_two_pass, _loss_two_pass_impl, logits, target_ids, live, rewards, ref, order, start, size, group_sizes, key)
             ctx.save_for_backward(logits, target_ids, lse, dlogp)
         ctx.mark_non_differentiable(*results[1:])
@@ -257,7 +258,7 @@ class LensLoss(torch.autograd.Function):
             return (None,) * 16
         if ctx.one_pass:
             (grad,) = ctx.saved_tensors
-            _call(_scale_rows, _scale_rows_impl, grad, grad_loss)
+            call_op(scale_rows_op, scale_rows_impl, grad, grad_loss)
         else:
             logits, target_ids, lse, dlogp = ctx.saved_tensors
             grad = _logprobs_grad(dlogp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend, ctx.inplace,
@@ -268,11 +269,18 @@ class LensLoss(torch.autograd.Function):
 def kernel_loss_forward(logits, target_ids, live, rewards, old, ref, advantages, groups, options) -> dict:
     """The GPU-backend loss as a dict of :data:`_RESULTS` (None where absent)."""
     one_pass = kernel_loss.one_pass_applies(options, old is not None, advantages is not None)
-    args = (logits, target_ids, live, rewards, old, ref, advantages, *_group_args(groups), options.key)
+    args = (logits, target_ids, live, rewards, old, ref, advantages, *group_args(groups), options.key)
     if not logits.requires_grad and one_pass:  # nothing to differentiate: no gradient writes
-        results = _call(_loss_one_pass, _loss_one_pass_impl, *args, False)
+        results = call_op(_loss_one_pass, _loss_one_pass_impl, *args, False)
     else:
         results = LensLoss.apply(*args, one_pass, options.inplace_backward, options.inv_temperature, options.backend)
+    return named_results(results, advantages, ref)
+
+
+def named_results(results, advantages: Optional[Tensor], ref: Optional[Tensor]) -> dict:
+    """A loss op's results as a dict of :data:`_RESULTS`, with None for what the call has not:
+    the calibration outputs with caller-given ``advantages`` (which are returned instead),
+    ``kl`` without ``ref``."""
     out = dict(zip(_RESULTS, results))
     if advantages is not None:
         for name in ("calibrated_rewards", "confidence", "difficulty", "negative_group_fraction"):

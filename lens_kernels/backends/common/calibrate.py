@@ -133,7 +133,8 @@ def _calibrate_kernel(
             used = tl.where(negative[:, None], used_if_negative, used_if_mixed)
             centred = used - (tl.sum(tl.where(valid, used, 0.0), axis=1) / g)[:, None]
             if SCALE_BY_STD:
-                var = tl.sum(tl.where(valid, centred * centred, 0.0), axis=1) / (g - 1)
+                # padding groups (size 0) divide by 1, not 0/0
+                var = tl.sum(tl.where(valid, centred * centred, 0.0), axis=1) / tl.where(in_grp, g - 1, 1.0)
                 normalised = centred / (tl.sqrt(var) + std_eps)[:, None]
             else:
                 normalised = centred

@@ -1,0 +1,117 @@
+"""Fused-linear loss in one pass: three GEMMs, the gradient made during the forward.
+
+When every token's coefficient is known before the vocabulary pass (old log-probs given,
+``mode="grpo"`` or caller-given advantages; ``kernel_loss.one_pass_applies``), the loss of a
+row needs only that row's logits, so the rows are processed ``n`` at a time (``n`` chosen so
+that one ``[n, V]`` block of logits fits in ``SCRATCH_BYTES``):
+
+1. ``Z = h[rows] @ W.T + b`` into the block (a library GEMM: cuBLAS on CUDA, fp32
+   accumulation, rounded to the inputs' dtype as PyTorch's own logits are);
+2. the one-pass loss kernel (``fused_loss.fused_loss_rows``) on the block: online logsumexp,
+   log-prob, surrogate, loss terms, and ``d loss / d Z`` written over the block in place;
+3. ``dh[rows] = dZ @ W`` and ``dW (+)= dZ.T @ h[rows]``; ``dbias += dZ.sum(0)`` in fp32.
+
+Three GEMMs (``6 N V d`` FLOPs) instead of the four of the recompute path (forward GEMM, then
+logits recomputed in the backward), and the backward only scales the three gradients by
+``grad_output``.  GEMMs whose gradient nobody needs (a frozen ``lm_head``: no ``dW``) are not
+run.  Masked-out rows of ``hidden`` are replaced by zeros before the GEMMs (they may hold
+NaN; their ``dZ`` row is 0 and ``0 * NaN`` would reach ``dW``).
+
+``dW`` is accumulated across row blocks in the weight's dtype (each block's GEMM sums in
+fp32 and rounds once): an fp32 ``[V, d]`` accumulator would cost ``4 V d`` bytes (1.2 GB at
+V=151936, d=2048), more than the whole path's memory budget.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ...config import LensOptions
+from ...groups import GroupLayout
+from ..common import calibrate, finalize
+from ..common.calibrate import WEIGHT_ROW
+from ..kernel_loss import KernelLoss
+from .fused_loss import fused_loss_rows
+
+# Bound on the block of logits (and, in place, their gradient) of one group of rows.
+SCRATCH_BYTES = 512 * 2**20
+# Rows per block are rounded down to a multiple of this (GEMM-friendly), when there are more.
+ROW_ALIGN = 128
+
+
+class LinearGrads(NamedTuple):
+    """Gradients of the loss (``None`` where not requested), in the inputs' dtypes."""
+
+    hidden: Optional[torch.Tensor]  # [N, d]
+    weight: Optional[torch.Tensor]  # [V, d]
+    bias: Optional[torch.Tensor]  # [V]
+
+
+def block_rows(rows: int, vocab: int, element_size: int) -> int:
+    """Rows per block: ``[n, V]`` logits within ``SCRATCH_BYTES``, a multiple of ``ROW_ALIGN``
+    where that leaves at least one, at least 1 and at most ``rows``."""
+    fit = SCRATCH_BYTES // max(1, vocab * element_size)
+    if fit >= ROW_ALIGN:
+        fit = fit // ROW_ALIGN * ROW_ALIGN
+    return max(1, min(rows, fit))
+
+
+def linear_one_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target_ids: torch.Tensor,
+    live: torch.Tensor,
+    rewards: torch.Tensor,
+    old: Optional[torch.Tensor],
+    ref: Optional[torch.Tensor],
+    advantages: Optional[torch.Tensor],
+    groups: Optional[GroupLayout],
+    options: LensOptions,
+    needs: tuple[bool, bool, bool],
+) -> tuple[KernelLoss, LinearGrads]:
+    """The loss of the logits ``hidden [N, d] @ weight.T + bias``, ``N = B * T`` rows in the
+    order of ``target_ids [B, T]``, with the gradients ``needs = (dh, dW, dbias)`` made on the way.
+
+    ``live [B, T]`` bool; ``old``/``ref [B, T]``; ``advantages [B]`` or None; ``weight [V, d]``
+    and ``bias [V]`` of hidden's dtype (fp32, bf16, fp16).  Nothing syncs with the host.
+    """
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    write_grad = need_h or need_w or need_b
+    cal = calibrate(old, live, rewards, groups, options, advantages)
+    logp = torch.empty(live.shape, device=hidden.device, dtype=torch.float32)
+    parts = torch.empty((3, rows), device=hidden.device, dtype=torch.float64)
+    dh = torch.empty((rows, dim), device=hidden.device, dtype=hidden.dtype) if need_h else None
+    dw = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype) if need_w and rows == 0 else (
+        torch.empty(weight.shape, device=weight.device, dtype=weight.dtype) if need_w else None)
+    db = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
+    step = block_rows(rows, vocab, hidden.element_size())
+    block = torch.empty((step, vocab), device=hidden.device, dtype=hidden.dtype)
+    live_rows = live.reshape(rows, 1)
+    for row0 in range(0, rows, step):
+        count = min(step, rows - row0)
+        z = block[:count]
+        h = torch.where(live_rows[row0:row0 + count], hidden[row0:row0 + count], 0)
+        if bias is None:
+            torch.mm(h, weight.T, out=z)
+        else:
+            torch.addmm(bias, h, weight.T, out=z)
+        fused_loss_rows(z, row0, target_ids, live, old, ref, cal.advantages, cal.scratch[WEIGHT_ROW], logp, parts,
+                        options, write_grad)
+        if need_h:
+            torch.mm(z, weight, out=dh[row0:row0 + count])
+        if need_w:
+            if row0 == 0:
+                torch.mm(z.T, h, out=dw)
+            else:
+                dw.addmm_(z.T, h)
+        if need_b:
+            db += z.sum(0, dtype=torch.float32)
+    if old is None and advantages is None:  # grpo on-policy: confidences from this pass
+        calibrate(logp, live, rewards, groups, options, into=cal)
+    loss, clip, kl = finalize(parts, cal.totals, ref is not None)
+    grads = LinearGrads(dh, dw, None if db is None else db.to(bias.dtype))
+    return KernelLoss(loss, logp, cal.outputs, clip, kl), grads

@@ -1,0 +1,115 @@
+"""The fused-linear one-pass path (Triton; three GEMMs, gradients made in the forward) against
+the recompute path and the float64 reference on materialised logits: several row blocks,
+NaN hidden states at masked positions, frozen weights, ``grad_output != 1``, no-grad calls."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lens_kernels import linear_api
+from lens_kernels.backends.triton import linear_one_pass
+
+from .conftest import runnable_backends
+from .test_linear_loss import compare, fused, make_linear_problem, materialised, run
+from .tolerances import check
+
+pytestmark = [
+    pytest.mark.skipif("triton" not in runnable_backends(), reason="needs Triton (CUDA, or TRITON_INTERPRET=1)"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),  # the interpreter: 1 / tiny -> inf
+]
+
+# id -> (make_linear_problem options, loss options): every way into the one-pass path.
+ONE_PASS = {
+    "grpo-on-policy": (dict(vocab=131, dim=37), dict(mode="grpo")),
+    "lens-off-policy-kl": (dict(off_policy=0.5, with_ref=True, temperature=0.7), dict(beta=0.05)),
+    "advantages-token-sum": (dict(bias=False), dict(advantages=True, loss_agg_mode="seq-mean-token-sum")),
+}
+
+
+def _problem(case, **extra):
+    problem_options, options = ONE_PASS[case]
+    hidden, weight, bias, kwargs = make_linear_problem(**{**problem_options, **extra})
+    if options.get("advantages"):
+        gen = torch.Generator().manual_seed(3)
+        options = {**options, "advantages": torch.randn(hidden.shape[0], generator=gen).to(hidden.device)}
+        kwargs.pop("group_size")
+    return (hidden, weight, bias, kwargs), options
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Run a problem through the one-pass path, then through the recompute path."""
+    def both(problem, options):
+        one = run(fused("triton", options), *problem)
+        with monkeypatch.context() as patch:
+            patch.setattr(linear_api, "one_pass_applies", lambda *args: False)
+            two = run(fused("triton", options), *problem)
+        return one, two
+    return both
+
+
+@pytest.mark.parametrize("case", list(ONE_PASS))
+def test_one_pass_matches_the_reference_over_several_row_blocks(case, monkeypatch):
+    """Blocks of 7 rows (40 rows in all, so the last block is short)."""
+    problem, options = _problem(case)
+    vocab = problem[1].shape[0]
+    monkeypatch.setattr(linear_one_pass, "SCRATCH_BYTES", 7 * vocab * 4)
+    assert linear_one_pass.block_rows(40, vocab, 4) == 7
+    compare("triton", problem, options)
+
+
+@pytest.mark.parametrize("case", list(ONE_PASS))
+def test_one_pass_and_recompute_paths_agree(case, paths):
+    problem, options = _problem(case)
+    (one, one_grads), (two, two_grads) = paths(problem, options)
+    check("loss", one.loss, two.loss, None, torch.float32)
+    for name, a, b in zip(("dh", "dW", "dbias"), one_grads, two_grads):
+        check(name, a, b, None, torch.float32)
+    for field in ("advantages", "confidence", "clip_fraction", "kl"):
+        if getattr(two, field) is not None:
+            check(field, getattr(one, field), getattr(two, field), None, torch.float32)
+
+
+def test_nan_hidden_states_at_masked_positions_stay_out_of_the_gradients():
+    (hidden, weight, bias, kwargs), options = _problem("grpo-on-policy")
+    mask = kwargs["completion_mask"]
+    poisoned = torch.where(mask[..., None], hidden, float("nan"))
+    out, grads = run(fused("triton", options), poisoned, weight, bias, kwargs)
+    gold, gold_grads = run(materialised(options), hidden, weight, bias, kwargs)
+    check("loss", out.loss, gold.loss, None, torch.float32)
+    dh = grads[0]
+    assert torch.equal(dh[~mask], torch.zeros_like(dh[~mask])), "masked rows must get dh = 0"
+    for name, value, expected in zip(("dh", "dW", "dbias"), grads, gold_grads):
+        check(name, value, expected, None, torch.float32)
+
+
+def test_frozen_weight_and_bias_get_no_gradient_and_grad_output_scales():
+    """A frozen lm_head (LoRA-style): only dh is made; ``(0.5 * loss).backward()`` halves it."""
+    (hidden, weight, bias, kwargs), options = _problem("lens-off-policy-kl")
+    h = hidden.detach().requires_grad_()
+    out = linear_api.fused_linear_lens_loss(h, weight, bias=bias, **kwargs, **options, backend="triton")
+    (0.5 * out.loss).backward()
+    gold_h = hidden.detach().double().requires_grad_()
+    gold = materialised(options)(gold_h, weight, bias, kwargs)
+    (gold_dh,) = torch.autograd.grad(0.5 * gold.loss, gold_h)
+    check("dh", h.grad, gold_dh, None, torch.float32)
+    assert weight.grad is None and bias.grad is None
+
+
+def test_no_grad_call_gives_the_same_outputs():
+    problem, options = _problem("grpo-on-policy")
+    out, _ = run(fused("triton", options), *problem)
+    hidden, weight, bias, kwargs = problem
+    with torch.no_grad():
+        plain = linear_api.fused_linear_lens_loss(hidden, weight, bias=bias, **kwargs, **options, backend="triton")
+    assert not plain.loss.requires_grad
+    assert torch.equal(plain.loss, out.loss.detach())
+    assert torch.equal(plain.logprobs, out.logprobs)
+
+
+def test_bf16_over_several_row_blocks_no_worse_than_pytorch(monkeypatch):
+    """dW summed over five row blocks in bf16 (one rounding per block) stays within PyTorch's
+    own bf16 error plus the interpreter's truncation slack."""
+    problem, options = _problem("grpo-on-policy", dtype=torch.bfloat16)
+    monkeypatch.setattr(linear_one_pass, "SCRATCH_BYTES", 8 * 131 * 2)
+    compare("triton", problem, options, ulp_slack=1.0)
