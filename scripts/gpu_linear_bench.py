@@ -13,10 +13,12 @@ where importable).
    against an fp32 gold (the torch fused-linear path on fp32 copies: exact products of the bf16
    inputs, fp32 sums).  An implementation is timed only where it passes.
 3. Sweep (``--quick``: the target shape only): N in {8192, 16384, 32768}, d in {2048, 4096},
-   V in {128256, 151936}, grpo and lens.  fwd+bwd median of ``triton.testing.do_bench``; peak
-   memory above the inputs and the returned dh/dW; TFLOP/s over the GEMMs run (fused-linear:
-   the forward GEMM plus the three backward GEMMs over the row blocks with a nonzero gradient).
-   Liger and CCE (grpo only) are timed at the target shape only, to stay within minutes.
+   V in {128256, 151936}, grpo and lens, on-policy and off-policy (``--policies``).  fwd+bwd
+   median of ``triton.testing.do_bench``; peak memory above the inputs and the returned dh/dW;
+   TFLOP/s over the GEMMs run (fused-linear one pass -- grpo, or off-policy -- three over every
+   row; its on-policy lens path the forward GEMM plus the three backward GEMMs over the row
+   blocks with a nonzero gradient).  Liger and CCE (grpo only) are timed at the target shape
+   only, to stay within minutes.
 
 Writes ``linear.json`` and ``linear.md`` into ``--out`` and prints a compact table last.
 """
@@ -143,18 +145,19 @@ def live_fraction(x: LinearInputs, advantages: torch.Tensor, block: int) -> floa
     return float(live.float().mean())
 
 
-def gemm_tflop(impl: str, dims, fractions) -> float:
-    n, d, v = dims
-    if impl == "fused-linear-triton":  # forward every row; dz and dh over live 128-row tiles, dW over 64-row blocks
+def gemm_tflop(impl: str, x: LinearInputs, mode: str, fractions) -> float:
+    n, d, v = x.dims
+    gemms = LINEAR_IMPLS[impl].gemms(mode, x.policy)
+    if impl == "fused-linear-triton" and gemms == 4:
+        # forward every row; dz and dh over live 128-row tiles, dW over 64-row blocks
         return 2 * n * v * d * (1 + 2 * fractions[128] + fractions[64]) / 1e12
-    nominal = {"cut-cross-entropy": 8}.get(impl, 6)
-    return nominal * n * v * d / 1e12
+    return 2 * gemms * n * v * d / 1e12
 
 
 def measure(impl_name: str, mode: str, x: LinearInputs, gold, fractions, check: bool) -> dict:
     impl = LINEAR_IMPLS[impl_name]
     n, d, v = x.dims
-    record = dict(impl=impl_name, mode=mode, tokens=n, dim=d, vocab=v, status="ok", reason=None)
+    record = dict(impl=impl_name, mode=mode, policy=x.policy, tokens=n, dim=d, vocab=v, status="ok", reason=None)
     reason = impl.unavailable(x.hidden.device) or (None if mode in impl.modes else f"computes {list(impl.modes)} only")
     if reason:
         return {**record, "status": "skipped", "reason": reason}
@@ -190,8 +193,8 @@ def measure(impl_name: str, mode: str, x: LinearInputs, gold, fractions, check: 
         returned = sum(g.numel() * g.element_size() for g in grads)
         record["peak_above_inputs_and_grads_mb"] = (torch.cuda.max_memory_allocated() - base - returned) / MB
         del grads
-        tflop = gemm_tflop(impl_name, (n, d, v), fractions)
-        record.update(gemm_tflop=tflop, gemm_flops=impl.gemm_flops, tflops=tflop / (ms[0] * 1e-3),
+        tflop = gemm_tflop(impl_name, x, mode, fractions)
+        record.update(gemm_tflop=tflop, gemms=impl.gemms(mode, x.policy), tflops=tflop / (ms[0] * 1e-3),
                       live_tile_fraction=fractions[128])
     except Exception as err:  # recorded; the sweep goes on
         oom = isinstance(err, torch.cuda.OutOfMemoryError)
@@ -213,23 +216,59 @@ def shapes(quick: bool) -> list[tuple[int, int, int]]:
 def markdown(records: list[dict], small: list[dict], env: dict) -> str:
     lines = [f"# lm_head + loss, {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})",
              "", f"Small-shape float64 checks: {sum(r['passed'] for r in small)}/{len(small)} passed.", "",
-             "| impl | mode | N | d | V | fwd+bwd ms | peak MB above inputs+grads | GEMM TFLOP/s | dh err | dW err | status |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| impl | mode | policy | N | d | V | GEMMs | fwd+bwd ms | peak MB above inputs+grads | GEMM TFLOP/s "
+             "| dh err | dW err | status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in records:
         def f(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else ""
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-        lines.append(f"| {r['impl']} | {r['mode']} | {r['tokens']} | {r['dim']} | {r['vocab']} | {f('fwdbwd_median_ms', '.2f')} "
+        lines.append(f"| {r['impl']} | {r['mode']} | {r.get('policy', 'on')} | {r['tokens']} | {r['dim']} | {r['vocab']} "
+                     f"| {f('gemms', 'd')} | {f('fwdbwd_median_ms', '.2f')} "
                      f"| {f('peak_above_inputs_and_grads_mb', '.0f')} | {f('tflops', '.0f')} | {f('dh_rel_err', '.1e')} "
                      f"| {f('dw_rel_err', '.1e')} | {status} |")
     return "\n".join(lines) + "\n"
+
+
+def run_shape(dims, policy: str, modes: list[str], device: torch.device, started: float) -> list[dict]:
+    """Every implementation and mode on one shape and policy (checked against the fp32 gold at
+    the target shape, where Liger and CCE also run)."""
+    n, d, v = dims
+    log(f"== N={n} d={d} V={v} bf16, {policy}-policy ({time.perf_counter() - started:.0f} s)")
+    try:
+        x = make_linear_inputs(n, d, v, torch.bfloat16, device, policy=policy)
+    except torch.cuda.OutOfMemoryError:
+        return [dict(impl=i, mode=m, policy=policy, tokens=n, dim=d, vocab=v, status="oom",
+                     reason="inputs do not fit") for m in modes for i in LINEAR_IMPLS]
+    records = []
+    at_target = dims == TARGET
+    for mode in modes:
+        gold = fp32_gold(x, mode) if at_target else None
+        adv = gold[3] if gold else lk.fused_linear_lens_loss(
+            x.hidden.detach(), x.weight.detach(), **x.loss_kwargs(), mode=mode, check_values=False).advantages
+        fractions = {b: live_fraction(x, adv, b) for b in (64, 128)}
+        for name in LINEAR_IMPLS:
+            if name in ("liger-fused-linear-grpo", "cut-cross-entropy") and not at_target:
+                continue
+            record = measure(name, mode, x, gold, fractions, check=at_target)
+            records.append(record)
+            log(f"   {name:<24} {mode:<4} {record['status']:<6} "
+                + (f"{record['fwdbwd_median_ms']:.2f} ms, +{record['peak_above_inputs_and_grads_mb']:.0f} MB, "
+                   f"{record['tflops']:.0f} TFLOP/s" if record["status"] == "ok" else str(record["reason"])))
+        del gold
+        release()
+    del x
+    release()
+    return records
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for linear.json and linear.md")
     parser.add_argument("--quick", action="store_true", help="the target shape N=16384 d=2048 V=151936 only")
-    parser.add_argument("--modes", default="grpo,lens")
+    parser.add_argument("--modes", default="grpo,lens", help="loss modes, comma-separated (default grpo,lens)")
+    parser.add_argument("--policies", default="on,off",
+                        help="on: old = logp.detach(); off: old log-probs given (a noisy copy); default on,off")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -245,32 +284,8 @@ def main() -> int:
     records = []
     modes = args.modes.split(",")
     for dims in shapes(args.quick):
-        n, d, v = dims
-        log(f"== N={n} d={d} V={v} bf16 ({time.perf_counter() - started:.0f} s)")
-        try:
-            x = make_linear_inputs(n, d, v, torch.bfloat16, device)
-        except torch.cuda.OutOfMemoryError:
-            records += [dict(impl=i, mode=m, tokens=n, dim=d, vocab=v, status="oom", reason="inputs do not fit")
-                        for m in modes for i in LINEAR_IMPLS]
-            continue
-        for mode in modes:
-            at_target = dims == TARGET
-            gold = fp32_gold(x, mode) if at_target else None
-            adv = gold[3] if gold else lk.fused_linear_lens_loss(
-                x.hidden.detach(), x.weight.detach(), **x.loss_kwargs(), mode=mode, check_values=False).advantages
-            fractions = {b: live_fraction(x, adv, b) for b in (64, 128)}
-            for name in LINEAR_IMPLS:
-                if name in ("liger-fused-linear-grpo", "cut-cross-entropy") and not at_target:
-                    continue
-                record = measure(name, mode, x, gold, fractions, check=at_target)
-                records.append(record)
-                log(f"   {name:<24} {mode:<4} {record['status']:<6} "
-                    + (f"{record['fwdbwd_median_ms']:.2f} ms, +{record['peak_above_inputs_and_grads_mb']:.0f} MB, "
-                       f"{record['tflops']:.0f} TFLOP/s" if record["status"] == "ok" else str(record["reason"])))
-            del gold
-            release()
-        del x
-        release()
+        for policy in args.policies.split(","):
+            records += run_shape(dims, policy, modes, device, started)
     env["wall_s"] = time.perf_counter() - started
     with open(os.path.join(args.out, "linear.json"), "w") as fh:
         json.dump(dict(env=env, small_checks=small, records=records), fh, indent=1)

@@ -13,7 +13,7 @@ from lens_kernels.backends import kernel_loss
 from lens_kernels.backends.cuda import library
 from lens_kernels.config import LensOptions
 from lens_kernels.groups import contiguous_groups
-from lens_kernels.ops import _logprobs_grad, _scale_rows
+from lens_kernels.ops import _logprobs_grad, scale_rows_op
 from lens_kernels.testing import make_problem
 
 from .conftest import DEVICE, interpreting
@@ -60,7 +60,7 @@ def _run(path, name, device, problem, options):
         grad = logits if path == "one-pass-inplace" else torch.full_like(logits, float("nan"))
         result = kernel_loss.one_pass(logits, problem["target_ids"], live, problem["rewards"], old, ref, None,
                                       groups, options, grad)
-        _scale_rows(grad, grad_output)
+        scale_rows_op(grad, grad_output)
     return result, grad / grad_output
 
 

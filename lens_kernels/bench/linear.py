@@ -2,9 +2,9 @@
 implementations compared on them (issue 9).
 
 Every implementation maps a :class:`LinearInputs` to a 0-dim loss, differentiable in
-``hidden`` and ``weight``; all use the on-policy defaults (``old = logp.detach()``, temperature
-1, ``eps = 0.2``, no KL, ``seq-mean-token-mean``).  ``scripts/gpu_linear_bench.py`` checks and
-times them.
+``hidden`` and ``weight``; all use the same options: on-policy (``old = logp.detach()``) or
+off-policy (``old = inputs.old_logprobs``), temperature 1, ``eps = 0.2``, no KL,
+``seq-mean-token-mean``.  ``scripts/gpu_linear_bench.py`` checks and times them.
 """
 from __future__ import annotations
 
@@ -31,10 +31,15 @@ class LinearInputs:
     completion_mask: torch.Tensor  # [B, T] bool
     rewards: torch.Tensor  # [B] fp32 in {0, 1}
     group_size: int
+    old_logprobs: Optional[torch.Tensor] = None  # [B, T] fp32, off-policy problems only
 
     def loss_kwargs(self) -> dict:
         return dict(target_ids=self.target_ids, completion_mask=self.completion_mask, rewards=self.rewards,
-                    group_size=self.group_size)
+                    group_size=self.group_size, old_logprobs=self.old_logprobs)
+
+    @property
+    def policy(self) -> str:
+        return "on" if self.old_logprobs is None else "off"
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -43,11 +48,13 @@ class LinearInputs:
 
 
 def make_linear_inputs(tokens: int, dim: int, vocab: int, dtype: torch.dtype, device, length: int = 512,
-                       group_size: int = 8, seed: int = 0) -> LinearInputs:
+                       group_size: int = 8, seed: int = 0, policy: str = "on") -> LinearInputs:
     """``tokens = B * T`` rows (``T = length``): Gaussian hidden states and a weight scaled so
     that the logits spread about 3 (like a trained model's), uniformly random targets, a prompt
     prefix and a random completion end per row, rewards cycling through negative, mixed and
-    all-correct groups (so GRPO gives some groups zero advantage, as in real batches)."""
+    all-correct groups (so GRPO gives some groups zero advantage, as in real batches).
+    ``policy="off"``: ``old_logprobs`` are the policy's own log-probs plus N(0, 0.1) noise
+    (a sampler a little behind the learner; some tokens clip)."""
     batch = tokens // length
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn((batch, length, dim), generator=gen, device=device, dtype=dtype)
@@ -59,8 +66,13 @@ def make_linear_inputs(tokens: int, dim: int, vocab: int, dtype: torch.dtype, de
     positions = torch.arange(length)
     mask = (positions >= prompt) & (positions < torch.maximum(end, prompt + 1))
     rewards = group_rewards(batch // group_size, group_size, host)
+    old = None
+    if policy == "off":
+        with torch.no_grad():
+            logp = lk.fused_linear_token_logprobs(hidden, weight, targets.to(device), check_values=False)
+        old = logp + 0.1 * torch.randn(logp.shape, generator=gen, device=device)
     return LinearInputs(hidden.requires_grad_(), weight.requires_grad_(), targets.to(device), mask.to(device),
-                        rewards.to(device), group_size)
+                        rewards.to(device), group_size, old)
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,18 @@ class LinearImpl:
     build: Callable[[str], LossFn]
     unavailable: Callable[[torch.device], Optional[str]]
     modes: tuple[str, ...] = ("lens", "grpo")
-    gemm_flops: str = "6NVd"  # the GEMMs it runs (nominal, every row)
+    gemm_count: int = 3  # N x V x d GEMMs per fwd+bwd (2 N V d FLOPs each), every row
+
+    def gemms(self, mode: str, policy: str) -> int:
+        """The GEMMs of one fwd+bwd on this problem, before any row skipping."""
+        if self.name == "fused-linear-triton":
+            return 3 if fused_linear_one_pass(mode, policy) else 4
+        return self.gemm_count
+
+
+def fused_linear_one_pass(mode: str, policy: str) -> bool:
+    """Whether ``fused_linear_lens_loss`` takes its one-pass path (3 GEMMs) on this problem."""
+    return mode == "grpo" or policy == "off"
 
 
 def _fused_linear(mode: str) -> LossFn:
@@ -91,9 +114,9 @@ def _grpo_advantages(x: LinearInputs) -> torch.Tensor:
 
 
 def _surrogate(logp: torch.Tensor, x: LinearInputs) -> torch.Tensor:
-    """On-policy GRPO clipped surrogate, seq-mean-token-mean, in PyTorch."""
+    """GRPO clipped surrogate (old = ``x.old_logprobs``, or on-policy), seq-mean-token-mean, in PyTorch."""
     adv = _grpo_advantages(x)[:, None]
-    ratio = torch.exp(logp - logp.detach())
+    ratio = torch.exp(logp - (logp.detach() if x.old_logprobs is None else x.old_logprobs))
     pg = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
     mask = x.completion_mask.to(pg.dtype)
     per_row = (pg * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -108,7 +131,8 @@ def _liger(mode: str) -> LossFn:
                                        epsilon_low=0.2, epsilon_high=0.2, temperature=1.0)
 
     def run(x: LinearInputs) -> torch.Tensor:
-        out = loss_fn(x.hidden, x.weight, x.target_ids, x.completion_mask.float(), _grpo_advantages(x))
+        out = loss_fn(x.hidden, x.weight, x.target_ids, x.completion_mask.float(), _grpo_advantages(x),
+                      old_per_token_logps=x.old_logprobs)
         return out[0] if isinstance(out, tuple) else out
     return run
 
@@ -142,9 +166,11 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
 LINEAR_IMPLS = {
     impl.name: impl for impl in (
         LinearImpl("fused-linear-triton",
-                   "lk.fused_linear_lens_loss(backend='triton'): logits tiles recomputed, never stored; "
-                   "4 GEMMs (forward 1, backward 3) with row blocks of zero gradient skipped in the backward",
-                   _fused_linear, _triton_unavailable, gemm_flops="8NVd"),
+                   "lk.fused_linear_lens_loss(backend='triton'): one pass when the coefficients are known "
+                   "(grpo, or off-policy): row blocks of logits by cuBLAS, the loss kernel writes dZ in place, "
+                   "dh/dW GEMMs in the forward (3 GEMMs, every row); on-policy lens: Triton logit tiles, never "
+                   "stored, recomputed in the backward (4 GEMMs, zero-gradient row blocks skipped in 3)",
+                   _fused_linear, _triton_unavailable),
         LinearImpl("matmul+fused", "hidden @ weight.T (cuBLAS, [B,T,V] logits in the inputs' dtype) then "
                    "lk.fused_lens_loss (auto backend); autograd does the two backward GEMMs",
                    _matmul_fused, lambda device: None),
@@ -155,6 +181,6 @@ LINEAR_IMPLS = {
         LinearImpl("cut-cross-entropy", "cut_cross_entropy.linear_cross_entropy(reduction='none', default "
                    "gradient filter) as -logp, then the on-policy GRPO surrogate in PyTorch",
                    _cce, lambda device: _needs("cut_cross_entropy", device, "cut-cross-entropy"),
-                   modes=("grpo",), gemm_flops="8NVd"),
+                   modes=("grpo",), gemm_count=4),
     )
 }

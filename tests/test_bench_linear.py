@@ -1,0 +1,52 @@
+"""The lm_head + loss benchmark rows (``lens_kernels.bench.linear``) compute the loss they
+claim, on the CPU where they run: the loss and ``dh``/``dW`` of each row against the float64
+reference on the materialised logits, on- and off-policy, so that a broken row is found here
+and not on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lens_kernels as lk
+from lens_kernels.bench.linear import LINEAR_IMPLS, fused_linear_one_pass, make_linear_inputs
+
+from .tolerances import check
+
+DEVICE = torch.device("cpu")
+ROWS = [name for name, impl in LINEAR_IMPLS.items() if impl.unavailable(DEVICE) is None]
+
+
+def _gold(x, mode):
+    h = x.hidden.detach().double().requires_grad_()
+    w = x.weight.detach().double().requires_grad_()
+    kwargs = x.loss_kwargs()
+    if kwargs["old_logprobs"] is not None:
+        kwargs["old_logprobs"] = kwargs["old_logprobs"].double()
+    out = lk.reference.fused_lens_loss(h @ w.T, **kwargs, mode=mode, compute_dtype=torch.float64)
+    return (out.loss, *torch.autograd.grad(out.loss, [h, w]))
+
+
+def test_rows_that_need_a_gpu_say_why():
+    for name, impl in LINEAR_IMPLS.items():
+        if name not in ROWS:
+            assert "CUDA" in impl.unavailable(DEVICE), name
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter: 1 / tiny -> inf
+@pytest.mark.parametrize("policy", ["on", "off"])
+@pytest.mark.parametrize("mode", ["grpo", "lens"])
+@pytest.mark.parametrize("name", ROWS)
+def test_row_matches_the_float64_reference(name, mode, policy):
+    x = make_linear_inputs(48, 24, 101, torch.float32, DEVICE, length=8, group_size=3, policy=policy)
+    assert (x.old_logprobs is None) == (policy == "on")
+    loss = LINEAR_IMPLS[name].build(mode)(x)
+    got = (loss, *torch.autograd.grad(loss, [x.hidden, x.weight]))
+    for label, value, gold in zip(("loss", "dh", "dW"), got, _gold(x, mode)):
+        check(f"{name} {label}", value, gold, None, torch.float32)
+
+
+def test_gemm_counts_follow_the_fused_linear_paths():
+    impl = LINEAR_IMPLS["fused-linear-triton"]
+    assert [impl.gemms(m, p) for m in ("grpo", "lens") for p in ("on", "off")] == [3, 3, 4, 3]
+    assert fused_linear_one_pass("lens", "off") and not fused_linear_one_pass("lens", "on")
+    assert LINEAR_IMPLS["matmul+fused"].gemms("lens", "on") == 3
