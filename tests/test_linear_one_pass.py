@@ -113,3 +113,38 @@ def test_bf16_over_several_row_blocks_no_worse_than_pytorch(monkeypatch):
     problem, options = _problem("grpo-on-policy", dtype=torch.bfloat16)
     monkeypatch.setattr(linear_one_pass, "SCRATCH_BYTES", 8 * 131 * 2)
     compare("triton", problem, options, ulp_slack=1.0)
+
+
+def test_huge_peaked_logits_and_empty_rows():
+    """Logits spread over hundreds (a near one-hot softmax), three rows without a completion
+    token, temperature 1.3: still the float64 reference's loss and gradients."""
+    (hidden, weight, bias, kwargs), options = _problem("grpo-on-policy", empty_rows=3)
+    problem = (hidden, weight * 60, bias * 60, {**kwargs, "temperature": 1.3})
+    out = compare("triton", problem, options)
+    assert out.confidence[:3].eq(0).all(), "rows without tokens have no confidence"
+    assert out.confidence[3:].min() < 1e-3, "the case was meant to hold confidently wrong rows"
+
+
+@pytest.mark.parametrize("case", ["grpo-on-policy", "lens-on-policy"])
+def test_compiles_with_fullgraph_and_matches_eager(case):
+    """Both fused-linear paths (one pass; the recompute path of on-policy lens) trace without
+    graph breaks under torch.compile (aot_eager: the custom ops are opaque either way)."""
+    torch._dynamo.reset()
+    (hidden, weight, bias, kwargs), options = _problem("grpo-on-policy")
+    if case == "lens-on-policy":
+        options = {}
+
+    def step(h, w, b):
+        out = linear_api.fused_linear_lens_loss(h, w, bias=b, **kwargs, **options, backend="triton",
+                                                check_values=False)
+        return out.loss, out.advantages
+
+    def grads(fn):
+        leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+        loss, adv = fn(*leaves)
+        return [loss.detach(), adv, *torch.autograd.grad(loss, leaves)]
+
+    eager = grads(step)
+    compiled = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
