@@ -11,7 +11,7 @@ from .api import live_mask
 from .backends import torch_backend
 from .backends.kernel_loss import one_pass_applies
 from .config import LensOptions
-from .linear_validation import check_linear, check_linear_backend, logits_stand_in
+from .linear_validation import check_linear, check_linear_backend, check_linear_gemm, logits_stand_in
 from .output import LensOutput
 from .validation import LossInputs, ValueChecks, check_targets, check_temperature, validate_loss
 
@@ -26,6 +26,7 @@ def fused_linear_token_logprobs(
     bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
     check_values: bool = True,
+    gemm: str = "auto",
 ) -> torch.Tensor:
     """``log softmax((hidden @ weight.T + bias) / temperature)[target]`` without the logits.
 
@@ -37,18 +38,23 @@ def fused_linear_token_logprobs(
     "old log-probs" pass.  ``check_values=False`` skips the id-range check (no host sync).
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
-    Memory: the forward keeps ``O(N)`` floats besides its inputs (plus ``3 N V / 2048`` fp32
-    partials on Triton); the backward holds one vocabulary chunk of the logits' gradient at a
-    time (at most 512 MiB on Triton) and an fp32 ``[N, d]`` accumulator.
+    ``gemm`` (Triton backend): ``"triton"`` (the default for this function, ``"auto"``): Triton
+    logit tiles, never stored, the backward recomputing them; ``"library"``: the logits of
+    blocks of rows by ``torch.mm`` (cuBLAS) into one 512 MiB buffer, read back by the row
+    kernels.  Memory: the forward keeps ``O(N)`` floats besides its inputs (plus ``3 N V /
+    2048`` fp32 partials with Triton tiles, or the block buffer); the backward holds one
+    vocabulary chunk (tiles) or row block (library) of the logits' gradient at a time (at most
+    512 MiB) and, with tiles, an fp32 ``[N, d]`` accumulator.
     """
     batch, length, dim, vocab = check_linear(hidden, weight, bias, target_ids)
     checks = ValueChecks(check_values)
     check_targets(target_ids, logits_stand_in(hidden, vocab), None, checks)
     temperature = check_temperature(temperature)
     backend = check_linear_backend(backend, hidden)
+    gemm = check_linear_gemm(gemm, backend)
     checks.settle()
     logp = linear_ops.linear_token_logprobs(
-        hidden.reshape(batch * length, dim), weight, bias, target_ids.reshape(-1), temperature, backend
+        hidden.reshape(batch * length, dim), weight, bias, target_ids.reshape(-1), temperature, _path(backend, gemm)
     )
     return logp.view(batch, length)
 
@@ -79,6 +85,7 @@ def fused_linear_lens_loss(
     backend: str = "auto",
     check_values: bool = True,
     advantages: Optional[torch.Tensor] = None,
+    gemm: str = "auto",
 ) -> LensOutput:
     """``fused_lens_loss`` of the logits ``hidden @ weight.T + bias``, which are never made.
 
@@ -90,10 +97,12 @@ def fused_linear_lens_loss(
     embeddings) receives both gradients through autograd.  ``logprobs`` is 0 at masked-out
     positions.
 
-    Paths (``backend="triton"``, the default on CUDA):
+    Paths (``backend="triton"``, the default on CUDA; ``gemm="auto"`` picks the first where it
+    applies, the second otherwise):
 
-    * one pass, when every token's coefficient is known before the vocabulary pass
-      (``old_logprobs`` or ``advantages`` given, or ``mode="grpo"``): the rows are taken in
+    * one pass (``gemm="library"`` or ``"auto"``), when every token's coefficient is known
+      before the vocabulary pass (``old_logprobs`` or ``advantages`` given, or
+      ``mode="grpo"``): the rows are taken in
       blocks whose ``[n, V]`` logits fit in 512 MiB; per block one library GEMM (cuBLAS) makes
       the logits, one kernel computes the loss terms and overwrites them with ``d loss / d
       logits``, and two GEMMs add the block's share of ``dh`` and ``dW`` (three GEMMs in all;
@@ -101,15 +110,17 @@ def fused_linear_lens_loss(
       require grad).  ``loss.backward()`` only scales the gradients by ``grad_output``.  ``dW``
       is summed over the blocks in the weight's dtype (one rounding per block of ~1.7k rows at
       V=151936 in bf16).
-    * otherwise (on-policy LENS): Triton logit tiles, never stored: the forward keeps only
-      per-row logsumexps, the backward recomputes the tiles (four GEMMs in all, row blocks with
-      a zero gradient skipped in the three backward ones).
+    * recompute (``gemm="triton"``, or on-policy LENS): Triton logit tiles, never stored: the
+      forward keeps only per-row logsumexps, the backward recomputes the tiles (four GEMMs in
+      all, row blocks with a zero gradient skipped in the three backward ones).  On-policy LENS
+      with ``gemm="library"`` recomputes row blocks with cuBLAS instead (four GEMMs, no skipping).
 
     ``backend="torch"`` (any device, float64 too): chunked matmuls with bounded temporaries,
     and the reference epilogue under autograd.
     """
     batch, length, dim, vocab = check_linear(hidden, weight, bias, target_ids)
     linear_backend = check_linear_backend(backend, hidden)
+    gemm = check_linear_gemm(gemm, linear_backend)
     inputs, options, checks = validate_loss(
         logits_stand_in(hidden, vocab), target_ids, completion_mask, rewards, group_size, group_index,
         old_logprobs, ref_logprobs, advantages,
@@ -118,7 +129,8 @@ def fused_linear_lens_loss(
              length_gamma=length_gamma, backend=linear_backend, inplace_backward=False, check_values=check_values),
     )
     flat = hidden.reshape(batch * length, dim)
-    if linear_backend == "triton" and one_pass_applies(options, inputs.old is not None, inputs.advantages is not None):
+    one_pass = one_pass_applies(options, inputs.old is not None, inputs.advantages is not None)
+    if linear_backend == "triton" and gemm != "triton" and one_pass:
         out = LensOutput(**linear_ops.linear_loss_one_pass(
             flat, weight, bias, inputs.target_ids, live_mask(inputs.mask), inputs.rewards, inputs.old, inputs.ref,
             inputs.advantages, inputs.groups, options,
@@ -126,12 +138,19 @@ def fused_linear_lens_loss(
         logp = out.logprobs
     else:
         logp = linear_ops.linear_token_logprobs(
-            flat, weight, bias, target_ids.reshape(-1), options.temperature, linear_backend
+            flat, weight, bias, target_ids.reshape(-1), options.temperature, _path(linear_backend, gemm)
         ).view(batch, length)
         out = _recompute_loss(logp, inputs, options)
     checks.finite("hidden/weight", logp.detach(), inputs.mask, _FINITE_HINT)
     checks.settle()
     return out
+
+
+def _path(backend: str, gemm: str) -> str:
+    """The vocabulary-pass launchers (``linear_ops``) of a resolved backend and ``gemm``."""
+    if backend == "torch":
+        return "torch"
+    return "blocks" if gemm == "library" else "tiles"
 
 
 def _recompute_loss(logp: torch.Tensor, inputs: LossInputs, options: LensOptions) -> LensOutput:

@@ -11,6 +11,7 @@ from . import backends
 
 LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LINEAR_BACKENDS = ("auto", "triton", "torch")
+LINEAR_GEMMS = ("auto", "library", "triton")
 
 
 class LinearShape(NamedTuple):
@@ -85,3 +86,14 @@ def check_linear_backend(backend, hidden: torch.Tensor) -> str:
         raise TypeError("hidden: float64 is supported by backend='torch' only, got backend='triton'")
     return backends.resolve(backend, hidden.device)
 
+
+
+def check_linear_gemm(gemm, backend: str) -> str:
+    """``"auto"``, ``"library"`` (the GEMMs by ``torch.mm``, i.e. cuBLAS, on blocks of rows) or
+    ``"triton"`` (Triton logit tiles, never stored); ``backend`` is the resolved backend, and
+    ``"triton"`` needs the Triton one."""
+    if gemm not in LINEAR_GEMMS:
+        raise ValueError(f"gemm: expected one of {list(LINEAR_GEMMS)}, got {gemm!r}")
+    if gemm == "triton" and backend != "triton":
+        raise ValueError(f"gemm: 'triton' (Triton logit tiles) needs backend='triton', got backend={backend!r}")
+    return gemm

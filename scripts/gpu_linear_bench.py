@@ -148,7 +148,7 @@ def live_fraction(x: LinearInputs, advantages: torch.Tensor, block: int) -> floa
 def gemm_tflop(impl: str, x: LinearInputs, mode: str, fractions) -> float:
     n, d, v = x.dims
     gemms = LINEAR_IMPLS[impl].gemms(mode, x.policy)
-    if impl == "fused-linear-triton" and gemms == 4:
+    if LINEAR_IMPLS[impl].skips_dead_rows(mode, x.policy):
         # forward every row; dz and dh over live 128-row tiles, dW over 64-row blocks
         return 2 * n * v * d * (1 + 2 * fractions[128] + fractions[64]) / 1e12
     return 2 * gemms * n * v * d / 1e12
@@ -181,7 +181,7 @@ def measure(impl_name: str, mode: str, x: LinearInputs, gold, fractions, check: 
         def step():
             return grads_of(fn(x), x)
 
-        ms = do_bench(step, warmup=1, rep=300 if impl_name in ("fused-linear-triton", "matmul+fused") else 50,
+        ms = do_bench(step, warmup=1, rep=300 if impl_name.startswith("fused-linear") or impl_name == "matmul+fused" else 50,
                       quantiles=[0.5, 0.2, 0.8])
         record.update(fwdbwd_median_ms=ms[0], fwdbwd_q20_ms=ms[1], fwdbwd_q80_ms=ms[2])
         release()

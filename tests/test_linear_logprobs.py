@@ -20,7 +20,15 @@ from lens_kernels.linear_api import fused_linear_token_logprobs
 from .conftest import DEVICE, interpreting, runnable_backends
 from .tolerances import check
 
+# "triton" is the default (Triton logit tiles); "triton-library" the cuBLAS row blocks (gemm="library").
 BACKENDS = [b for b in runnable_backends() if b != "cuda"]
+BACKENDS += ["triton-library"] if "triton" in BACKENDS else []
+PATHS = {"torch": "torch", "triton": "tiles", "triton-library": "blocks"}
+
+
+def options(variant: str) -> dict:
+    """``backend`` and ``gemm`` keywords of a test variant."""
+    return dict(backend="triton", gemm="library") if variant == "triton-library" else dict(backend=variant)
 
 
 def make_linear(batch=2, length=19, dim=41, vocab=203, *, bias=True, scale=1.0, offset=0.0, dtype=torch.float32,
@@ -63,7 +71,7 @@ def compare(backend, inputs, temperature=1.0, grad_out=None, ulp_slack=0.0):
         grad_out = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     before = [None if t is None else t.clone() for t in inputs]
     logp, grads = logprobs_and_grads(
-        lambda h, w, b, t: fused_linear_token_logprobs(h, w, t, temperature, bias=b, backend=backend),
+        lambda h, w, b, t: fused_linear_token_logprobs(h, w, t, temperature, bias=b, **options(backend)),
         inputs, grad_out)
     gold, gold_grads = logprobs_and_grads(
         lambda h, w, b, t: materialised_logprobs(h, w, b, t, temperature), inputs, grad_out)
@@ -100,7 +108,7 @@ def test_fp32_against_materialised_float64(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_no_worse_than_pytorch(backend):
-    slack = 1.0 if backend == "triton" and interpreting() else 0.0  # the interpreter truncates to bf16
+    slack = 1.0 if backend.startswith("triton") and interpreting() else 0.0  # the interpreter truncates to bf16
     compare(backend, make_linear(scale=4.0, dtype=torch.bfloat16), 1.0, ulp_slack=slack)
 
 
@@ -117,7 +125,7 @@ def test_rows_with_zero_gradient_are_skipped_and_stay_zero(backend):
     targets = torch.where(live, targets, -100)
     hidden = torch.where(live[..., None], hidden, float("nan"))
     logp, (dh, dw, db) = logprobs_and_grads(
-        lambda h, w, b, t: linear_ops.linear_token_logprobs(h.view(-1, h.shape[-1]), w, b, t.view(-1), 1.0, backend),
+        lambda h, w, b, t: linear_ops.linear_token_logprobs(h.view(-1, h.shape[-1]), w, b, t.view(-1), 1.0, PATHS[backend]),
         (hidden, weight, bias, targets), grad_out.view(-1))
     assert torch.equal(dh.view_as(hidden)[~live], torch.zeros_like(hidden[~live]))
     gold, (_, gold_dw, gold_db) = logprobs_and_grads(
@@ -134,6 +142,9 @@ def test_several_vocabulary_chunks(backend, monkeypatch):
     if backend == "triton":
         from lens_kernels.backends.triton import linear_backward
         monkeypatch.setattr(linear_backward, "SCRATCH_BYTES", 1)  # one 32-column tile per chunk
+    elif backend == "triton-library":
+        from lens_kernels.backends.triton import linear_blocks
+        monkeypatch.setattr(linear_blocks, "SCRATCH_BYTES", 5 * 101 * 4)  # blocks of 5 rows
     else:
         monkeypatch.setattr(torch_linear, "MAX_COLS", 37)
         monkeypatch.setattr(torch_linear, "CHUNK_BYTES", 3 * 37 * 4 * 5)  # 5 rows per rectangle
@@ -144,7 +155,7 @@ def test_several_vocabulary_chunks(backend, monkeypatch):
 def test_empty_batch(backend):
     hidden, weight, bias, targets = make_linear(batch=2, length=0)
     logp, (dh, dw, db) = logprobs_and_grads(
-        lambda h, w, b, t: fused_linear_token_logprobs(h, w, t, bias=b, backend=backend),
+        lambda h, w, b, t: fused_linear_token_logprobs(h, w, t, bias=b, **options(backend)),
         (hidden, weight, bias, targets), torch.zeros(2, 0, device=DEVICE))
     assert logp.shape == (2, 0) and dh.shape == hidden.shape
     assert torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0
@@ -169,7 +180,7 @@ def test_tied_weight_gets_both_gradients(backend):
     hidden, weight, _, targets = make_linear(vocab=67)
     weight = weight.detach().requires_grad_()
     tied = torch.nn.functional.embedding(targets, weight)  # [B, T, d], the input side
-    logp = fused_linear_token_logprobs(hidden + tied, weight, targets, backend=backend)
+    logp = fused_linear_token_logprobs(hidden + tied, weight, targets, **options(backend))
     (grad,) = torch.autograd.grad(logp.sum(), weight)
     gold_weight = weight.detach().double().requires_grad_()
     gold_hidden = hidden.double() + torch.nn.functional.embedding(targets, gold_weight)
@@ -189,9 +200,12 @@ def test_tied_weight_gets_both_gradients(backend):
         (dict(target_ids=torch.full((2, 3), 5)), ValueError, "target_ids: expected ids in [0, 5)"),
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(backend="cuda"), ValueError, "backend: expected one of"),
+        (dict(gemm="cublas"), ValueError, "gemm: expected one of ['auto', 'library', 'triton']"),
+        (dict(gemm="triton"), ValueError, "gemm: 'triton' (Triton logit tiles) needs backend='triton'"),
         (dict(target_ids=torch.zeros(3, 2, dtype=torch.int64)), ValueError, "target_ids: expected shape [2, 3]"),
     ],
-    ids=["hidden-2d", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend", "ids-shape"],
+    ids=["hidden-2d", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend",
+         "gemm", "gemm-torch", "ids-shape"],
 )
 def test_bad_arguments_are_named(change, error, message):
     args = dict(hidden=torch.zeros(2, 3, 4), weight=torch.zeros(5, 4), target_ids=torch.zeros(2, 3, dtype=torch.int64),

@@ -14,7 +14,11 @@ from lens_kernels.testing import group_rewards
 from .conftest import DEVICE, interpreting, runnable_backends
 from .tolerances import check
 
+# "triton": gemm="auto" (one pass where it applies, Triton tiles otherwise); "triton-library":
+# cuBLAS row blocks for both paths; "triton-tiles": the recompute path with Triton tiles always.
 BACKENDS = [b for b in runnable_backends() if b != "cuda"]
+BACKENDS += ["triton-library", "triton-tiles"] if "triton" in BACKENDS else []
+GEMMS = {"triton-library": "library", "triton-tiles": "triton"}
 FIELDS = ("logprobs", "advantages", "calibrated_rewards", "confidence", "difficulty",
           "negative_group_fraction", "clip_fraction", "kl")
 
@@ -57,7 +61,8 @@ def run(fn, hidden, weight, bias, kwargs):
 
 
 def fused(backend, options):
-    return lambda h, w, b, kw: fused_linear_lens_loss(h, w, bias=b, **kw, **options, backend=backend)
+    backend, gemm = ("triton", GEMMS[backend]) if backend in GEMMS else (backend, "auto")
+    return lambda h, w, b, kw: fused_linear_lens_loss(h, w, bias=b, **kw, **options, backend=backend, gemm=gemm)
 
 
 def materialised(options, compute_dtype=torch.float64):
@@ -108,7 +113,7 @@ INTERPRETED = ("lens-bias-tau0.8", "off-policy-dual-clip-kl", "advantages-given"
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_against_reference_on_materialised_logits(backend, case):
-    if backend == "triton" and interpreting() and case not in INTERPRETED:
+    if backend.startswith("triton") and interpreting() and case not in INTERPRETED:
         pytest.skip("Triton interpreter: a few cases on the CPU, all on a GPU")
     problem_options, options = CASES[case]
     hidden, weight, bias, kwargs = make_linear_problem(**problem_options)
@@ -124,7 +129,7 @@ def test_fp32_against_reference_on_materialised_logits(backend, case):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter: 1 / tiny -> inf
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_no_worse_than_pytorch(backend):
-    slack = 1.0 if backend == "triton" and interpreting() else 0.0  # the interpreter truncates to bf16
+    slack = 1.0 if backend.startswith("triton") and interpreting() else 0.0  # the interpreter truncates to bf16
     compare(backend, make_linear_problem(dtype=torch.bfloat16, empty_rows=1), dict(mode="grpo"), ulp_slack=slack)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lens_kernels import linear_api
-from lens_kernels.backends.triton import linear_one_pass
+from lens_kernels.backends.triton import linear_blocks
 
 from .conftest import runnable_backends
 from .test_linear_loss import compare, fused, make_linear_problem, materialised, run
@@ -53,8 +53,8 @@ def test_one_pass_matches_the_reference_over_several_row_blocks(case, monkeypatc
     """Blocks of 7 rows (40 rows in all, so the last block is short)."""
     problem, options = _problem(case)
     vocab = problem[1].shape[0]
-    monkeypatch.setattr(linear_one_pass, "SCRATCH_BYTES", 7 * vocab * 4)
-    assert linear_one_pass.block_rows(40, vocab, 4) == 7
+    monkeypatch.setattr(linear_blocks, "SCRATCH_BYTES", 7 * vocab * 4)
+    assert linear_blocks.block_rows(40, vocab, 4) == 7
     compare("triton", problem, options)
 
 
@@ -111,7 +111,7 @@ def test_bf16_over_several_row_blocks_no_worse_than_pytorch(monkeypatch):
     """dW summed over five row blocks in bf16 (one rounding per block) stays within PyTorch's
     own bf16 error plus the interpreter's truncation slack."""
     problem, options = _problem("grpo-on-policy", dtype=torch.bfloat16)
-    monkeypatch.setattr(linear_one_pass, "SCRATCH_BYTES", 8 * 131 * 2)
+    monkeypatch.setattr(linear_blocks, "SCRATCH_BYTES", 8 * 131 * 2)
     compare("triton", problem, options, ulp_slack=1.0)
 
 

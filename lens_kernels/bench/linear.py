@@ -86,9 +86,15 @@ class LinearImpl:
 
     def gemms(self, mode: str, policy: str) -> int:
         """The GEMMs of one fwd+bwd on this problem, before any row skipping."""
-        if self.name == "fused-linear-triton":
+        if self.name in ("fused-linear-triton", "fused-linear-library"):
             return 3 if fused_linear_one_pass(mode, policy) else 4
         return self.gemm_count
+
+    def skips_dead_rows(self, mode: str, policy: str) -> bool:
+        """Whether the backward GEMMs skip row tiles with a zero gradient (the Triton tiles)."""
+        if self.name == "fused-linear-triton":
+            return not fused_linear_one_pass(mode, policy)
+        return self.name == "fused-linear-tiles"
 
 
 def fused_linear_one_pass(mode: str, policy: str) -> bool:
@@ -96,9 +102,11 @@ def fused_linear_one_pass(mode: str, policy: str) -> bool:
     return mode == "grpo" or policy == "off"
 
 
-def _fused_linear(mode: str) -> LossFn:
-    return lambda x: lk.fused_linear_lens_loss(x.hidden, x.weight, **x.loss_kwargs(), mode=mode, backend="triton",
-                                               check_values=False).loss
+def _fused_linear(gemm: str) -> Callable[[str], LossFn]:
+    def build(mode: str) -> LossFn:
+        return lambda x: lk.fused_linear_lens_loss(x.hidden, x.weight, **x.loss_kwargs(), mode=mode, backend="triton",
+                                                   check_values=False, gemm=gemm).loss
+    return build
 
 
 def _matmul_fused(mode: str) -> LossFn:
@@ -170,7 +178,16 @@ LINEAR_IMPLS = {
                    "(grpo, or off-policy): row blocks of logits by cuBLAS, the loss kernel writes dZ in place, "
                    "dh/dW GEMMs in the forward (3 GEMMs, every row); on-policy lens: Triton logit tiles, never "
                    "stored, recomputed in the backward (4 GEMMs, zero-gradient row blocks skipped in 3)",
-                   _fused_linear, _triton_unavailable),
+                   _fused_linear("auto"), _triton_unavailable),
+        LinearImpl("fused-linear-library",
+                   "lk.fused_linear_lens_loss(backend='triton', gemm='library'): the one-pass path where it "
+                   "applies; on-policy lens: cuBLAS row blocks for the forward and again in the backward "
+                   "(4 GEMMs, every row), Triton row kernels between them",
+                   _fused_linear("library"), _triton_unavailable),
+        LinearImpl("fused-linear-tiles",
+                   "lk.fused_linear_lens_loss(backend='triton', gemm='triton'): Triton logit tiles always, "
+                   "recomputed in the backward (4 GEMMs, zero-gradient row blocks skipped in 3)",
+                   _fused_linear("triton"), _triton_unavailable, gemm_count=4),
         LinearImpl("matmul+fused", "hidden @ weight.T (cuBLAS, [B,T,V] logits in the inputs' dtype) then "
                    "lk.fused_lens_loss (auto backend); autograd does the two backward GEMMs",
                    _matmul_fused, lambda device: None),

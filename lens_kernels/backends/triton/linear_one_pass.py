@@ -6,7 +6,8 @@ row needs only that row's logits, so the rows are processed ``n`` at a time (``n
 that one ``[n, V]`` block of logits fits in ``SCRATCH_BYTES``):
 
 1. ``Z = h[rows] @ W.T + b`` into the block (a library GEMM: cuBLAS on CUDA, fp32
-   accumulation, rounded to the inputs' dtype as PyTorch's own logits are);
+   accumulation, rounded to the inputs' dtype as PyTorch's own logits are; the blocks and
+   GEMM helpers are ``linear_blocks``'s);
 2. the one-pass loss kernel (``fused_loss.fused_loss_rows``) on the block: online logsumexp,
    log-prob, surrogate, loss terms, and ``d loss / d Z`` written over the block in place;
 3. ``dh[rows] = dZ @ W`` and ``dW (+)= dZ.T @ h[rows]``; ``dbias += dZ.sum(0)`` in fp32.
@@ -33,11 +34,7 @@ from ..common import calibrate, finalize
 from ..common.calibrate import WEIGHT_ROW
 from ..kernel_loss import KernelLoss
 from .fused_loss import fused_loss_rows
-
-# Bound on the block of logits (and, in place, their gradient) of one group of rows.
-SCRATCH_BYTES = 512 * 2**20
-# Rows per block are rounded down to a multiple of this (GEMM-friendly), when there are more.
-ROW_ALIGN = 128
+from .linear_blocks import add_weight_grads, blocks, logits_into
 
 
 class LinearGrads(NamedTuple):
@@ -46,15 +43,6 @@ class LinearGrads(NamedTuple):
     hidden: Optional[torch.Tensor]  # [N, d]
     weight: Optional[torch.Tensor]  # [V, d]
     bias: Optional[torch.Tensor]  # [V]
-
-
-def block_rows(rows: int, vocab: int, element_size: int) -> int:
-    """Rows per block: ``[n, V]`` logits within ``SCRATCH_BYTES``, a multiple of ``ROW_ALIGN``
-    where that leaves at least one, at least 1 and at most ``rows``."""
-    fit = SCRATCH_BYTES // max(1, vocab * element_size)
-    if fit >= ROW_ALIGN:
-        fit = fit // ROW_ALIGN * ROW_ALIGN
-    return max(1, min(rows, fit))
 
 
 def linear_one_pass(
@@ -85,31 +73,18 @@ def linear_one_pass(
     logp = torch.empty(live.shape, device=hidden.device, dtype=torch.float32)
     parts = torch.empty((3, rows), device=hidden.device, dtype=torch.float64)
     dh = torch.empty((rows, dim), device=hidden.device, dtype=hidden.dtype) if need_h else None
-    dw = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype) if need_w and rows == 0 else (
-        torch.empty(weight.shape, device=weight.device, dtype=weight.dtype) if need_w else None)
+    dw = (torch.empty if rows else torch.zeros)(weight.shape, device=weight.device, dtype=weight.dtype) \
+        if need_w else None
     db = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
-    step = block_rows(rows, vocab, hidden.element_size())
-    block = torch.empty((step, vocab), device=hidden.device, dtype=hidden.dtype)
+    buffer, spans = blocks(hidden, vocab)
     live_rows = live.reshape(rows, 1)
-    for row0 in range(0, rows, step):
-        count = min(step, rows - row0)
-        z = block[:count]
-        h = torch.where(live_rows[row0:row0 + count], hidden[row0:row0 + count], 0)
-        if bias is None:
-            torch.mm(h, weight.T, out=z)
-        else:
-            torch.addmm(bias, h, weight.T, out=z)
-        fused_loss_rows(z, row0, target_ids, live, old, ref, cal.advantages, cal.scratch[WEIGHT_ROW], logp, parts,
+    for r in spans:
+        z = buffer[: r.stop - r.start]
+        h = torch.where(live_rows[r], hidden[r], 0)
+        logits_into(z, h, weight, bias)
+        fused_loss_rows(z, r.start, target_ids, live, old, ref, cal.advantages, cal.scratch[WEIGHT_ROW], logp, parts,
                         options, write_grad)
-        if need_h:
-            torch.mm(z, weight, out=dh[row0:row0 + count])
-        if need_w:
-            if row0 == 0:
-                torch.mm(z.T, h, out=dw)
-            else:
-                dw.addmm_(z.T, h)
-        if need_b:
-            db += z.sum(0, dtype=torch.float32)
+        add_weight_grads(z, h, weight, r, dh, dw, db)
     if old is None and advantages is None:  # grpo on-policy: confidences from this pass
         calibrate(logp, live, rewards, groups, options, into=cal)
     loss, clip, kl = finalize(parts, cal.totals, ref is not None)

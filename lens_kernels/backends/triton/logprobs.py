@@ -78,7 +78,7 @@ def write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, 
         for start in range(0, V, BLOCK_V):
             cols = start + lanes
             in_row = cols < V
-            z = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row, other=0.0)
+            z = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row, other=float("-inf"))
             p = tl.exp(z.to(tl.float32) * inv_t - lse)
             grad = coef * (tl.where(cols == target, 1.0, 0.0) - p)
             tl.store(grad_row_ptr + cols.to(tl.int64) * stride_gv, grad.to(grad_row_ptr.dtype.element_ty), mask=in_row)

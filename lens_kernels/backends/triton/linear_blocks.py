@@ -1,0 +1,108 @@
+"""Fused-linear vocabulary pass on row blocks: the logits of ``n`` rows at a time by a library
+GEMM (``torch.mm``: cuBLAS on CUDA) into one bounded buffer, the per-row work by the Triton
+row kernels of the logits path (``logprobs.py``).
+
+The alternative to the Triton logit tiles (``linear_forward`` / ``linear_backward``): the GEMMs
+run at the library's speed, at the price of writing each block of logits once and reading it
+back (``2 n V`` elements of traffic per block, ~3 ms per pass at N=16384, V=151936 on an H100).
+
+* forward: ``Z = h[block] @ W.T + b`` into the buffer, then ``logprobs_forward`` on it:
+  ``(logp, lse)`` per row, the block never kept;
+* backward: the block recomputed (rows with ``g == 0`` zeroed first: their hidden states may
+  be NaN and must not reach ``dW``), ``logprobs_backward`` overwrites it with ``dZ`` in place,
+  then ``dh[block] = dZ @ W``, ``dW (+)= dZ.T @ h[block]`` and ``dbias += dZ.sum(0)`` (fp32).
+
+``block_rows`` and ``logits_into`` are shared with the one-pass loss (``linear_one_pass``).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from .logprobs import logprobs_backward, logprobs_forward
+
+# Bound on the block of logits (and, in place, their gradient) of one group of rows.
+SCRATCH_BYTES = 512 * 2**20
+# Rows per block are rounded down to a multiple of this (GEMM-friendly), when there are more.
+ROW_ALIGN = 128
+
+
+def block_rows(rows: int, vocab: int, element_size: int) -> int:
+    """Rows per block: ``[n, V]`` logits within ``SCRATCH_BYTES``, a multiple of ``ROW_ALIGN``
+    where that leaves at least one, at least 1 and at most ``rows``."""
+    fit = SCRATCH_BYTES // max(1, vocab * element_size)
+    if fit >= ROW_ALIGN:
+        fit = fit // ROW_ALIGN * ROW_ALIGN
+    return max(1, min(rows, fit))
+
+
+def blocks(hidden: torch.Tensor, vocab: int) -> tuple[torch.Tensor, Iterator[slice]]:
+    """The ``[n, V]`` buffer for ``hidden [N, d]`` and the row slices of its blocks."""
+    rows = hidden.shape[0]
+    step = block_rows(rows, vocab, hidden.element_size())
+    buffer = torch.empty((step, vocab), device=hidden.device, dtype=hidden.dtype)
+    return buffer, (slice(r, min(rows, r + step)) for r in range(0, rows, step))
+
+
+def logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """``out [n, V] = h [n, d] @ weight.T + bias`` (fp32 accumulation, rounded to out's dtype)."""
+    if bias is None:
+        torch.mm(h, weight.T, out=out)
+    else:
+        torch.addmm(bias, h, weight.T, out=out)
+
+
+def add_weight_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rows: slice,
+                     dh: Optional[torch.Tensor], dw: Optional[torch.Tensor], db: Optional[torch.Tensor]) -> None:
+    """One block's share of the gradients from its ``dZ [n, V]``: ``dh[rows] = dZ @ W``,
+    ``dW (+)= dZ.T @ h`` (written by the first block, accumulated after), ``db += dZ.sum(0)``."""
+    if dh is not None:
+        torch.mm(dz, weight, out=dh[rows])
+    if dw is not None:
+        if rows.start == 0:
+            torch.mm(dz.T, h, out=dw)
+        else:
+            dw.addmm_(dz.T, h)
+    if db is not None:
+        db += dz.sum(0, dtype=torch.float32)
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target_ids: torch.Tensor,
+    inv_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, lse)``, both ``[N]`` fp32, as :func:`linear_forward.linear_logprobs_forward`."""
+    rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    buffer, spans = blocks(hidden, vocab)
+    for r in spans:
+        z = buffer[: r.stop - r.start]
+        logits_into(z, hidden[r], weight, bias)
+        block_logp, block_lse = logprobs_forward(z[None], target_ids[r][None], inv_temperature)
+        logp[r] = block_logp[0]
+        lse[r] = block_lse[0]
+    return logp, lse
+
+
+def linear_logprobs_backward(
+    grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    target_ids: torch.Tensor, lse: torch.Tensor, inv_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(dh, dW, dbias or None)`` as :func:`linear_backward.linear_logprobs_backward`."""
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    dh = torch.empty((rows, dim), device=hidden.device, dtype=hidden.dtype)
+    dw = (torch.empty if rows else torch.zeros)(weight.shape, device=weight.device, dtype=weight.dtype)
+    db = None if bias is None else torch.zeros(vocab, device=hidden.device, dtype=torch.float32)
+    buffer, spans = blocks(hidden, vocab)
+    for r in spans:
+        z = buffer[: r.stop - r.start]
+        g = grad_logp[r]
+        h = torch.where((g != 0)[:, None], hidden[r], 0)
+        logits_into(z, h, weight, bias)
+        logprobs_backward(g[None], z[None], target_ids[r][None], lse[r][None], inv_temperature, True)
+        add_weight_grads(z, h, weight, r, dh, dw, db)
+    return dh, dw, None if db is None else db.to(bias.dtype)
