@@ -37,7 +37,8 @@ def fused_linear_token_logprobs(
     ``hidden``, ``weight`` and ``bias``; under ``torch.no_grad()`` it is the sampler-side
     "old log-probs" pass.  ``check_values=False`` skips the id-range check (no host sync).
 
-    ``backend``: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
+    ``backend``: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"``, ``"cuda"`` (the
+    csrc/ row kernels; ``gemm`` is then always ``"library"``) or ``"torch"``.
     ``gemm`` (Triton backend): ``"triton"`` (the default for this function, ``"auto"``): Triton
     logit tiles, never stored, the backward recomputing them; ``"library"``: the logits of
     blocks of rows by ``torch.mm`` (cuBLAS) into one 512 MiB buffer, read back by the row
@@ -115,8 +116,9 @@ def fused_linear_lens_loss(
       all, row blocks with a zero gradient skipped in the three backward ones).  On-policy LENS
       with ``gemm="library"`` recomputes row blocks with cuBLAS instead (four GEMMs, no skipping).
 
-    ``backend="torch"`` (any device, float64 too): chunked matmuls with bounded temporaries,
-    and the reference epilogue under autograd.
+    ``backend="cuda"``: the same two paths with the csrc/ row kernels between the cuBLAS GEMMs
+    (no Triton tiles).  ``backend="torch"`` (any device, float64 too): chunked matmuls with
+    bounded temporaries, and the reference epilogue under autograd.
     """
     batch, length, dim, vocab = check_linear(hidden, weight, bias, target_ids)
     linear_backend = check_linear_backend(backend, hidden)
@@ -130,7 +132,7 @@ def fused_linear_lens_loss(
     )
     flat = hidden.reshape(batch * length, dim)
     one_pass = one_pass_applies(options, inputs.old is not None, inputs.advantages is not None)
-    if linear_backend == "triton" and gemm != "triton" and one_pass:
+    if linear_backend != "torch" and gemm != "triton" and one_pass:
         out = LensOutput(**linear_ops.linear_loss_one_pass(
             flat, weight, bias, inputs.target_ids, live_mask(inputs.mask), inputs.rewards, inputs.old, inputs.ref,
             inputs.advantages, inputs.groups, options,
@@ -150,7 +152,9 @@ def _path(backend: str, gemm: str) -> str:
     """The vocabulary-pass launchers (``linear_ops``) of a resolved backend and ``gemm``."""
     if backend == "torch":
         return "torch"
-    return "blocks" if gemm == "library" else "tiles"
+    if backend == "cuda" or gemm == "library":
+        return f"blocks:{backend}"
+    return "tiles"
 
 
 def _recompute_loss(logp: torch.Tensor, inputs: LossInputs, options: LensOptions) -> LensOutput:

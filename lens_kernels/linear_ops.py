@@ -4,14 +4,15 @@
   weight [V, d], bias [V] or None) -> logp [N]``: its forward returns the per-row logsumexp as
   well (saved for the backward, not differentiable), its backward recomputes the logits from
   the saved inputs and returns ``dh``, ``dW`` and ``dbias`` in one call.
-* ``linear_loss_one_pass``: the whole loss in one pass on Triton (``backends.triton.
-  linear_one_pass``), with the gradients made during the forward; :class:`LinearLensLoss`
+* ``linear_loss_one_pass``: the whole loss in one pass on a GPU backend
+  (``backends.linear_one_pass``), with the gradients made during the forward; :class:`LinearLensLoss`
   is its autograd, whose backward scales them by ``grad_output`` (``ops.scale_rows_``).
 
 As custom ops they are opaque to ``torch.compile``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -31,16 +32,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _launchers(path: str) -> tuple[Callable, Callable]:
     """``(forward, backward)`` launchers of ``path``: ``"torch"`` (chunked matmuls),
-    ``"tiles"`` (Triton logit tiles) or ``"blocks"`` (library GEMMs on row blocks, Triton row
-    kernels)."""
+    ``"tiles"`` (Triton logit tiles) or ``"blocks:<backend>"`` (library GEMMs on row blocks,
+    the row kernels of backend triton or cuda)."""
     if path == "torch":
         from .backends import torch_linear
 
         return torch_linear.linear_logprobs_forward, torch_linear.linear_logprobs_backward
-    if path == "blocks":
-        from .backends.triton import linear_blocks
+    if path.startswith("blocks:"):
+        from .backends import linear_blocks
 
-        return linear_blocks.linear_logprobs_forward, linear_blocks.linear_logprobs_backward
+        backend = path.split(":", 1)[1]
+        return (functools.partial(linear_blocks.linear_logprobs_forward, backend=backend),
+                functools.partial(linear_blocks.linear_logprobs_backward, backend=backend))
     from .backends.triton import linear_backward, linear_forward
 
     return linear_forward.linear_logprobs_forward, linear_backward.linear_logprobs_backward
@@ -112,7 +115,7 @@ def _loss_one_pass_impl(
     old: Optional[Tensor], ref: Optional[Tensor], advantages: Optional[Tensor], order: Optional[Tensor],
     start: Optional[Tensor], size: Optional[Tensor], group_sizes: list[int], options: str, needs: list[bool],
 ) -> list[Tensor]:
-    from .backends.triton.linear_one_pass import linear_one_pass
+    from .backends.linear_one_pass import linear_one_pass
 
     result, grads = linear_one_pass(
         hidden, weight, bias, target_ids, live, rewards, old, ref, advantages,

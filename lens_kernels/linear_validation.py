@@ -10,7 +10,7 @@ import torch
 from . import backends
 
 LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LINEAR_BACKENDS = ("auto", "triton", "torch")
+LINEAR_BACKENDS = ("auto", "triton", "torch", "cuda")
 LINEAR_GEMMS = ("auto", "library", "triton")
 
 
@@ -74,18 +74,17 @@ def logits_stand_in(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def check_linear_backend(backend, hidden: torch.Tensor) -> str:
-    """``"auto"`` (Triton on CUDA where it runs, torch otherwise and for float64), ``"triton"``
-    or ``"torch"``; there is no fused-linear ``"cuda"`` backend."""
+    """``"auto"`` (Triton on CUDA where it runs, torch otherwise and for float64), ``"triton"``,
+    ``"torch"`` or ``"cuda"`` (its row kernels between library GEMMs; no logit tiles)."""
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"backend: expected one of {list(LINEAR_BACKENDS)} for the fused-linear path, got {backend!r}")
     if backend == "auto":
         if hidden.dtype == torch.float64:
             return "torch"
         return backends.resolve("auto", hidden.device)
-    if backend == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("hidden: float64 is supported by backend='torch' only, got backend='triton'")
+    if backend in ("triton", "cuda") and hidden.dtype == torch.float64:
+        raise TypeError(f"hidden: float64 is supported by backend='torch' only, got backend={backend!r}")
     return backends.resolve(backend, hidden.device)
-
 
 
 def check_linear_gemm(gemm, backend: str) -> str:

@@ -143,7 +143,7 @@ def test_several_vocabulary_chunks(backend, monkeypatch):
         from lens_kernels.backends.triton import linear_backward
         monkeypatch.setattr(linear_backward, "SCRATCH_BYTES", 1)  # one 32-column tile per chunk
     elif backend == "triton-library":
-        from lens_kernels.backends.triton import linear_blocks
+        from lens_kernels.backends import linear_blocks
         monkeypatch.setattr(linear_blocks, "SCRATCH_BYTES", 5 * 101 * 4)  # blocks of 5 rows
     else:
         monkeypatch.setattr(torch_linear, "MAX_COLS", 37)
@@ -199,12 +199,14 @@ def test_tied_weight_gets_both_gradients(backend):
         (dict(target_ids=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "target_ids: expected dtype int64"),
         (dict(target_ids=torch.full((2, 3), 5)), ValueError, "target_ids: expected ids in [0, 5)"),
         (dict(temperature=0.0), ValueError, "temperature"),
-        (dict(backend="cuda"), ValueError, "backend: expected one of"),
+        (dict(backend="tiles"), ValueError, "backend: expected one of"),
+        (dict(backend="cuda"), ValueError, "backend: 'cuda' is not available for tensors on cpu"),
         (dict(gemm="cublas"), ValueError, "gemm: expected one of ['auto', 'library', 'triton']"),
         (dict(gemm="triton"), ValueError, "gemm: 'triton' (Triton logit tiles) needs backend='triton'"),
         (dict(target_ids=torch.zeros(3, 2, dtype=torch.int64)), ValueError, "target_ids: expected shape [2, 3]"),
     ],
     ids=["hidden-2d", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend",
+         "backend-cuda-on-cpu",
          "gemm", "gemm-torch", "ids-shape"],
 )
 def test_bad_arguments_are_named(change, error, message):

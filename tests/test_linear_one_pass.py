@@ -1,15 +1,22 @@
-"""The fused-linear one-pass path (Triton; three GEMMs, gradients made in the forward) against
-the recompute path and the float64 reference on materialised logits: several row blocks,
-NaN hidden states at masked positions, frozen weights, ``grad_output != 1``, no-grad calls."""
+"""The fused-linear one-pass path (three GEMMs, gradients made in the forward) against the
+recompute path and the float64 reference on materialised logits: several row blocks, NaN
+hidden states at masked positions, frozen weights, ``grad_output != 1``, no-grad calls; on
+Triton, and on the cuda backend's row kernels (csrc/ on a GPU, or its host emulation)."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lens_kernels import linear_api
-from lens_kernels.backends.triton import linear_blocks
+from lens_kernels import linear_api, linear_ops
+from lens_kernels.backends import linear_blocks
+from lens_kernels.backends.cuda import library
+from lens_kernels.config import LensOptions
+from lens_kernels.groups import contiguous_groups
 
-from .conftest import runnable_backends
+from .conftest import DEVICE, runnable_backends
+from .test_cuda_backend import build_emulated_library, require_gpu_library
 from .test_linear_loss import compare, fused, make_linear_problem, materialised, run
 from .tolerances import check
 
@@ -148,3 +155,59 @@ def test_compiles_with_fullgraph_and_matches_eager(case):
     compiled = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return build_emulated_library(tmp_path_factory.mktemp("csrc_linear"))
+
+
+@pytest.fixture
+def cuda_rows(request, monkeypatch):
+    """The cuda backend's row kernels: the built library on a GPU, else csrc/'s host emulation."""
+    library.load.cache_clear()
+    if DEVICE == "cuda":
+        require_gpu_library()
+    else:
+        monkeypatch.setenv(library.LIBRARY_ENV, str(request.getfixturevalue("emulated")))
+        monkeypatch.setenv("LK_EMU_MAX_BLOCKS", "3")
+    yield
+    library.load.cache_clear()
+
+
+@pytest.mark.usefixtures("cuda_rows")
+@pytest.mark.parametrize("case", ["grpo-on-policy", "lens-off-policy-kl"])
+def test_cuda_row_kernels_between_library_gemms(case, monkeypatch):
+    """The one-pass loss and the row-block log-probs through the cuda backend's kernels (blocks
+    of 7 rows), against the float64 reference."""
+    monkeypatch.setattr(linear_blocks, "SCRATCH_BYTES", 7 * 131 * 4 if case.startswith("grpo") else 7 * 203 * 4)
+    (hidden, weight, bias, kwargs), loss_options = _problem(case)
+    batch, length, dim = hidden.shape
+    options = LensOptions(backend="cuda", temperature=kwargs["temperature"],
+                          **{k: v for k, v in loss_options.items() if k != "advantages"})
+    live = kwargs["completion_mask"]
+
+    def one_pass(h, w, b, kw):
+        out = linear_ops.linear_loss_one_pass(
+            h.reshape(-1, dim), w, b, kw["target_ids"], live, kw["rewards"], kw.get("old_logprobs"),
+            kw.get("ref_logprobs"), None, contiguous_groups(batch, kw["group_size"]), options)
+        return SimpleNamespace(**out)
+
+    out, grads = run(one_pass, hidden, weight, bias, kwargs)
+    gold, gold_grads = run(materialised(loss_options), hidden, weight, bias, kwargs)
+    check("loss", out.loss, gold.loss, None, torch.float32)
+    check("logprobs", out.logprobs * live, gold.logprobs * live, None, torch.float32)
+    for name, value, expected in zip(("dh", "dW", "dbias"), grads, gold_grads):
+        check(name, value, expected, None, torch.float32)
+
+    ids = torch.where(live, kwargs["target_ids"], 0).reshape(-1)
+    leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+    logp = linear_ops.linear_token_logprobs(leaves[0].reshape(-1, dim), leaves[1], leaves[2], ids, 0.9, "blocks:cuda")
+    gold_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    z = gold_leaves[0].reshape(-1, dim) @ gold_leaves[1].T + gold_leaves[2]
+    gold_logp = torch.log_softmax(z / 0.9, -1).gather(1, ids[:, None])[:, 0]
+    weights = torch.linspace(-1, 1, ids.numel(), dtype=torch.float64)
+    for name, value, expected in zip(("logp", "dh", "dW", "dbias"),
+                                     (logp, *torch.autograd.grad(logp, leaves, weights.float())),
+                                     (gold_logp, *torch.autograd.grad(gold_logp, gold_leaves, weights))):
+        check(f"blocks:cuda {name}", value, expected, None, torch.float32)

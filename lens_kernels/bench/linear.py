@@ -86,7 +86,7 @@ class LinearImpl:
 
     def gemms(self, mode: str, policy: str) -> int:
         """The GEMMs of one fwd+bwd on this problem, before any row skipping."""
-        if self.name in ("fused-linear-triton", "fused-linear-library"):
+        if self.name in ("fused-linear-triton", "fused-linear-library", "fused-linear-cuda"):
             return 3 if fused_linear_one_pass(mode, policy) else 4
         return self.gemm_count
 
@@ -102,9 +102,9 @@ def fused_linear_one_pass(mode: str, policy: str) -> bool:
     return mode == "grpo" or policy == "off"
 
 
-def _fused_linear(gemm: str) -> Callable[[str], LossFn]:
+def _fused_linear(gemm: str, backend: str = "triton") -> Callable[[str], LossFn]:
     def build(mode: str) -> LossFn:
-        return lambda x: lk.fused_linear_lens_loss(x.hidden, x.weight, **x.loss_kwargs(), mode=mode, backend="triton",
+        return lambda x: lk.fused_linear_lens_loss(x.hidden, x.weight, **x.loss_kwargs(), mode=mode, backend=backend,
                                                    check_values=False, gemm=gemm).loss
     return build
 
@@ -171,6 +171,12 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
     return None if lk.is_available("triton", device) else "the Triton backend needs a CUDA device"
 
 
+def _cuda_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "the cuda backend needs a CUDA device"
+    return None if lk.is_available("cuda", device) else "the cuda backend's library (csrc/) is not built"
+
+
 LINEAR_IMPLS = {
     impl.name: impl for impl in (
         LinearImpl("fused-linear-triton",
@@ -188,6 +194,10 @@ LINEAR_IMPLS = {
                    "lk.fused_linear_lens_loss(backend='triton', gemm='triton'): Triton logit tiles always, "
                    "recomputed in the backward (4 GEMMs, zero-gradient row blocks skipped in 3)",
                    _fused_linear("triton"), _triton_unavailable, gemm_count=4),
+        LinearImpl("fused-linear-cuda",
+                   "lk.fused_linear_lens_loss(backend='cuda'): as fused-linear-library, with the csrc/ row "
+                   "kernels between the cuBLAS GEMMs",
+                   _fused_linear("auto", "cuda"), _cuda_unavailable),
         LinearImpl("matmul+fused", "hidden @ weight.T (cuBLAS, [B,T,V] logits in the inputs' dtype) then "
                    "lk.fused_lens_loss (auto backend); autograd does the two backward GEMMs",
                    _matmul_fused, lambda device: None),

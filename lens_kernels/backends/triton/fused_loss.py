@@ -9,11 +9,6 @@ the gradient's dtype, into a new buffer or over the logits themselves (the secon
 row mostly hits L2).  A zero coefficient (zero advantage, a clipped token) writes zeros
 without the second read.  Addressing is 64-bit and ``T`` is not specialised, as in
 ``logprobs.py``.
-
-``fused_loss_rows`` runs the same kernel on a block of consecutive rows held in a ``[n, V]``
-buffer (the fused-linear one-pass path computes the logits of ``n`` rows at a time): the
-program of row ``row0 + i`` reads and overwrites line ``i`` of the buffer, and every ``[B, T]``
-and ``[B]`` argument is indexed by the global row as usual.
 """
 from __future__ import annotations
 
@@ -28,10 +23,10 @@ from .logprobs import check_layout, launch_shape, row_logprob, write_row_grad
 from .token_math import surrogate_args, token_terms
 
 
-@triton.jit(do_not_specialize=["T", "row0", "shift"])
+@triton.jit(do_not_specialize=["T"])
 def _fused_loss_kernel(
     logits_ptr, target_ptr, live_ptr, old_ptr, ref_ptr, adv_ptr, weight_ptr, grad_ptr, logp_ptr, parts_ptr,
-    T, V, N, row0, shift,
+    T, V, N,
     stride_b, stride_t, stride_v,
     stride_tgt_b, stride_tgt_t,
     stride_lb, stride_lt,
@@ -45,14 +40,13 @@ def _fused_loss_kernel(
     DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) + row0
+    row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
-    # ``shift`` moves a block of rows held in its own buffer back to line 0 (0 otherwise).
-    grad_row_ptr = grad_ptr + (b * stride_gb + t * stride_gt - shift)
+    grad_row_ptr = grad_ptr + b * stride_gb + t * stride_gt
     live = tl.load(live_ptr + b * stride_lb + t * stride_lt) != 0
     if live:
-        row_ptr = logits_ptr + (b * stride_b + t * stride_t - shift)
+        row_ptr = logits_ptr + b * stride_b + t * stride_t
         target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
         logp, lse = row_logprob(row_ptr, target, V, stride_v, inv_t, BLOCK_V)
         logp64 = logp.to(tl.float64)
@@ -84,38 +78,6 @@ def _fused_loss_kernel(
             write_row_grad(logits_ptr, grad_row_ptr, 0, V, stride_v, stride_gv, 0.0, 0.0, inv_t, BLOCK_V)
 
 
-def _launch(
-    logits: torch.Tensor, strides: tuple, row0: int, count: int, shift: int,
-    target_ids: torch.Tensor, live: torch.Tensor, old: Optional[torch.Tensor], ref: Optional[torch.Tensor],
-    advantages: torch.Tensor, weights: torch.Tensor, grad: Optional[torch.Tensor], grad_strides: tuple,
-    logp: torch.Tensor, parts: torch.Tensor, options: LensOptions,
-) -> None:
-    """Rows ``row0 .. row0 + count`` of the ``[B, T]`` problem; ``strides`` / ``grad_strides``
-    address row ``(b, t)`` of the logits / gradient at ``b * s_b + t * s_t - shift``."""
-    seq = target_ids.shape[1]
-    vocab = logits.shape[-1]
-    block_v, num_warps = launch_shape(vocab, logits.element_size())
-    scalars, flags = surrogate_args(options, ref is not None)
-    none2 = (0, 0)
-    _fused_loss_kernel[(count,)](
-        logits, target_ids, live, logp if old is None else old, logp if ref is None else ref,
-        advantages, weights, logits if grad is None else grad, logp, parts,
-        seq, vocab, parts.shape[1], row0, shift,
-        *strides,
-        *target_ids.stride(),
-        *live.stride(),
-        *(none2 if old is None else old.stride()),
-        *(none2 if ref is None else ref.stride()),
-        advantages.stride(0),
-        *grad_strides,
-        float(options.inv_temperature),
-        *scalars,
-        HAS_OLD=old is not None, WRITE_GRAD=grad is not None, **flags,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
-
-
 def fused_loss(
     logits: torch.Tensor,
     target_ids: torch.Tensor,
@@ -138,34 +100,26 @@ def fused_loss(
     rows = batch * seq
     logp = torch.empty((batch, seq), device=logits.device, dtype=torch.float32)
     parts = torch.empty((3, rows), device=logits.device, dtype=torch.float64)
-    if rows:
-        _launch(logits, logits.stride(), 0, rows, 0, target_ids, live, old, ref, advantages, weights,
-                grad, (0, 0, 0) if grad is None else grad.stride(), logp, parts, options)
+    if rows == 0:
+        return logp, parts
+    block_v, num_warps = launch_shape(vocab, logits.element_size())
+    scalars, flags = surrogate_args(options, ref is not None)
+    none2 = (0, 0)
+    _fused_loss_kernel[(rows,)](
+        logits, target_ids, live, logp if old is None else old, logp if ref is None else ref,
+        advantages, weights, logits if grad is None else grad, logp, parts,
+        seq, vocab, rows,
+        *logits.stride(),
+        *target_ids.stride(),
+        *live.stride(),
+        *(none2 if old is None else old.stride()),
+        *(none2 if ref is None else ref.stride()),
+        advantages.stride(0),
+        *((0, 0, 0) if grad is None else grad.stride()),
+        float(options.inv_temperature),
+        *scalars,
+        HAS_OLD=old is not None, WRITE_GRAD=grad is not None, **flags,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
     return logp, parts
-
-
-def fused_loss_rows(
-    block: torch.Tensor,
-    row0: int,
-    target_ids: torch.Tensor,
-    live: torch.Tensor,
-    old: Optional[torch.Tensor],
-    ref: Optional[torch.Tensor],
-    advantages: torch.Tensor,
-    weights: torch.Tensor,
-    logp: torch.Tensor,
-    parts: torch.Tensor,
-    options: LensOptions,
-    write_grad: bool = True,
-) -> None:
-    """:func:`fused_loss` for the rows ``row0 .. row0 + n`` of a ``[B, T]`` problem whose
-    logits are ``block [n, V]`` (contiguous): fills those rows of ``logp [B, T]`` and ``parts
-    [3, B*T]`` and, with ``write_grad``, overwrites ``block`` with the rows' gradient."""
-    count, vocab = block.shape
-    assert block.is_contiguous() and block.dtype in (torch.float32, torch.bfloat16, torch.float16), block.dtype
-    if count == 0:
-        return
-    seq = target_ids.shape[1]
-    strides = (seq * vocab, vocab, 1)
-    _launch(block, strides, row0, count, row0 * vocab, target_ids, live, old, ref, advantages, weights,
-            block if write_grad else None, strides if write_grad else (0, 0, 0), logp, parts, options)

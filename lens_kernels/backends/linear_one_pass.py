@@ -1,4 +1,5 @@
-"""Fused-linear loss in one pass: three GEMMs, the gradient made during the forward.
+"""Fused-linear loss in one pass on a GPU backend (triton, cuda): three GEMMs, the gradient
+made during the forward.
 
 When every token's coefficient is known before the vocabulary pass (old log-probs given,
 ``mode="grpo"`` or caller-given advantages; ``kernel_loss.one_pass_applies``), the loss of a
@@ -8,8 +9,10 @@ that one ``[n, V]`` block of logits fits in ``SCRATCH_BYTES``):
 1. ``Z = h[rows] @ W.T + b`` into the block (a library GEMM: cuBLAS on CUDA, fp32
    accumulation, rounded to the inputs' dtype as PyTorch's own logits are; the blocks and
    GEMM helpers are ``linear_blocks``'s);
-2. the one-pass loss kernel (``fused_loss.fused_loss_rows``) on the block: online logsumexp,
-   log-prob, surrogate, loss terms, and ``d loss / d Z`` written over the block in place;
+2. the backend's one-pass loss kernel (``fused_loss``, as for logits) on the block, seen as
+   ``[n, 1, V]`` (``n`` rows of one position; the per-row advantages and weights gathered to
+   per-token ``[N]`` once per call): online logsumexp, log-prob, surrogate, loss terms, and
+   ``d loss / d Z`` written over the block in place;
 3. ``dh[rows] = dZ @ W`` and ``dW (+)= dZ.T @ h[rows]``; ``dbias += dZ.sum(0)`` in fp32.
 
 Three GEMMs (``6 N V d`` FLOPs) instead of the four of the recompute path (forward GEMM, then
@@ -28,12 +31,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ...config import LensOptions
-from ...groups import GroupLayout
-from ..common import calibrate, finalize
-from ..common.calibrate import WEIGHT_ROW
-from ..kernel_loss import KernelLoss
-from .fused_loss import fused_loss_rows
+from ..config import LensOptions
+from ..groups import GroupLayout
+from . import get
+from .common import calibrate, finalize
+from .common.calibrate import WEIGHT_ROW
+from .kernel_loss import KernelLoss
 from .linear_blocks import add_weight_grads, blocks, logits_into
 
 
@@ -43,6 +46,11 @@ class LinearGrads(NamedTuple):
     hidden: Optional[torch.Tensor]  # [N, d]
     weight: Optional[torch.Tensor]  # [V, d]
     bias: Optional[torch.Tensor]  # [V]
+
+
+def _per_token(tensor: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+    """A ``[B, T]`` input as ``[N, 1]`` (a view where the layout allows)."""
+    return None if tensor is None else tensor.reshape(rows, 1)
 
 
 def linear_one_pass(
@@ -63,28 +71,41 @@ def linear_one_pass(
     order of ``target_ids [B, T]``, with the gradients ``needs = (dh, dW, dbias)`` made on the way.
 
     ``live [B, T]`` bool; ``old``/``ref [B, T]``; ``advantages [B]`` or None; ``weight [V, d]``
-    and ``bias [V]`` of hidden's dtype (fp32, bf16, fp16).  Nothing syncs with the host.
+    and ``bias [V]`` of hidden's dtype (fp32, bf16, fp16); ``options.backend`` triton or cuda.
+    Nothing syncs with the host.
     """
     rows, dim = hidden.shape
+    batch, length = live.shape
     vocab = weight.shape[0]
     need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
     write_grad = need_h or need_w or need_b
     cal = calibrate(old, live, rewards, groups, options, advantages)
-    logp = torch.empty(live.shape, device=hidden.device, dtype=torch.float32)
+    # per-token views of the [B, T] inputs and gathers of the [B] ones: block rows are [n, 1] problems
+    row_of = torch.arange(batch, device=hidden.device).repeat_interleave(length)
+    token_adv, token_weight = cal.advantages[row_of], cal.scratch[WEIGHT_ROW][row_of]
+    token_ids, token_live = _per_token(target_ids, rows), _per_token(live, rows)
+    token_old, token_ref = _per_token(old, rows), _per_token(ref, rows)
+    logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
     parts = torch.empty((3, rows), device=hidden.device, dtype=torch.float64)
     dh = torch.empty((rows, dim), device=hidden.device, dtype=hidden.dtype) if need_h else None
     dw = (torch.empty if rows else torch.zeros)(weight.shape, device=weight.device, dtype=weight.dtype) \
         if need_w else None
     db = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
+    fused_loss = get(options.backend).fused_loss
     buffer, spans = blocks(hidden, vocab)
-    live_rows = live.reshape(rows, 1)
     for r in spans:
         z = buffer[: r.stop - r.start]
-        h = torch.where(live_rows[r], hidden[r], 0)
+        h = torch.where(token_live[r], hidden[r], 0)
         logits_into(z, h, weight, bias)
-        fused_loss_rows(z, r.start, target_ids, live, old, ref, cal.advantages, cal.scratch[WEIGHT_ROW], logp, parts,
-                        options, write_grad)
+        block_logp, block_parts = fused_loss(
+            z[:, None], token_ids[r], token_live[r], None if old is None else token_old[r],
+            None if ref is None else token_ref[r], token_adv[r], token_weight[r], z[:, None] if write_grad else None,
+            options,
+        )
+        logp[r] = block_logp[:, 0]
+        parts[:, r] = block_parts
         add_weight_grads(z, h, weight, r, dh, dw, db)
+    logp = logp.view(batch, length)
     if old is None and advantages is None:  # grpo on-policy: confidences from this pass
         calibrate(logp, live, rewards, groups, options, into=cal)
     loss, clip, kl = finalize(parts, cal.totals, ref is not None)

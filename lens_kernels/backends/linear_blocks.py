@@ -1,10 +1,13 @@
-"""Fused-linear vocabulary pass on row blocks: the logits of ``n`` rows at a time by a library
-GEMM (``torch.mm``: cuBLAS on CUDA) into one bounded buffer, the per-row work by the Triton
-row kernels of the logits path (``logprobs.py``).
+"""Fused-linear vocabulary pass on row blocks, for the GPU backends (triton, cuda): the logits
+of ``n`` rows at a time by a library GEMM (``torch.mm``: cuBLAS on CUDA) into one bounded
+buffer, the per-row work by the backend's own row kernels (``logprobs_forward`` /
+``logprobs_backward`` of the contract in ``backends/__init__.py``).
 
-The alternative to the Triton logit tiles (``linear_forward`` / ``linear_backward``): the GEMMs
-run at the library's speed, at the price of writing each block of logits once and reading it
-back (``2 n V`` elements of traffic per block, ~3 ms per pass at N=16384, V=151936 on an H100).
+The alternative to the Triton logit tiles (``triton/linear_forward``, ``triton/linear_backward``):
+the GEMMs run at the library's speed, at the price of writing each block of logits once and
+reading it back (``2 n V`` elements of traffic per block, ~3 ms per pass at N=16384,
+V=151936 on an H100).  A block of rows is handed to the row kernels as ``[n, 1, V]`` (``n``
+rows of one position), so they need no notion of an offset.
 
 * forward: ``Z = h[block] @ W.T + b`` into the buffer, then ``logprobs_forward`` on it:
   ``(logp, lse)`` per row, the block never kept;
@@ -12,7 +15,8 @@ back (``2 n V`` elements of traffic per block, ~3 ms per pass at N=16384, V=1519
   be NaN and must not reach ``dW``), ``logprobs_backward`` overwrites it with ``dZ`` in place,
   then ``dh[block] = dZ @ W``, ``dW (+)= dZ.T @ h[block]`` and ``dbias += dZ.sum(0)`` (fp32).
 
-``block_rows`` and ``logits_into`` are shared with the one-pass loss (``linear_one_pass``).
+``blocks``, ``logits_into`` and ``add_weight_grads`` are shared with the one-pass loss
+(``linear_one_pass``).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .logprobs import logprobs_backward, logprobs_forward
+from . import get
 
 # Bound on the block of logits (and, in place, their gradient) of one group of rows.
 SCRATCH_BYTES = 512 * 2**20
@@ -70,39 +74,43 @@ def add_weight_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, ro
 
 def linear_logprobs_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target_ids: torch.Tensor,
-    inv_temperature: float,
+    inv_temperature: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp, lse)``, both ``[N]`` fp32, as :func:`linear_forward.linear_logprobs_forward`."""
+    """``(logp, lse)``, both ``[N]`` fp32, of ``hidden [N, d]``, ``weight [V, d]``, ``bias``
+    and ``target_ids [N]`` (ids outside ``[0, V)`` give NaN) through ``backend``'s row kernels."""
     rows = hidden.shape[0]
     vocab = weight.shape[0]
     logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
+    kernels = get(backend)
     buffer, spans = blocks(hidden, vocab)
     for r in spans:
         z = buffer[: r.stop - r.start]
         logits_into(z, hidden[r], weight, bias)
-        block_logp, block_lse = logprobs_forward(z[None], target_ids[r][None], inv_temperature)
-        logp[r] = block_logp[0]
-        lse[r] = block_lse[0]
+        block_logp, block_lse = kernels.logprobs_forward(z[:, None], target_ids[r, None], inv_temperature)
+        logp[r] = block_logp[:, 0]
+        lse[r] = block_lse[:, 0]
     return logp, lse
 
 
 def linear_logprobs_backward(
     grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    target_ids: torch.Tensor, lse: torch.Tensor, inv_temperature: float,
+    target_ids: torch.Tensor, lse: torch.Tensor, inv_temperature: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(dh, dW, dbias or None)`` as :func:`linear_backward.linear_logprobs_backward`."""
+    """``(dh [N, d], dW [V, d], dbias [V] or None)`` in the inputs' dtypes from ``grad_logp [N]``
+    and the forward's ``lse [N]`` (both fp32); rows with ``grad_logp == 0`` add nothing."""
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     dh = torch.empty((rows, dim), device=hidden.device, dtype=hidden.dtype)
     dw = (torch.empty if rows else torch.zeros)(weight.shape, device=weight.device, dtype=weight.dtype)
     db = None if bias is None else torch.zeros(vocab, device=hidden.device, dtype=torch.float32)
+    kernels = get(backend)
     buffer, spans = blocks(hidden, vocab)
     for r in spans:
         z = buffer[: r.stop - r.start]
         g = grad_logp[r]
         h = torch.where((g != 0)[:, None], hidden[r], 0)
         logits_into(z, h, weight, bias)
-        logprobs_backward(g[None], z[None], target_ids[r][None], lse[r][None], inv_temperature, True)
+        kernels.logprobs_backward(g[:, None], z[:, None], target_ids[r, None], lse[r, None], inv_temperature, True)
         add_weight_grads(z, h, weight, r, dh, dw, db)
     return dh, dw, None if db is None else db.to(bias.dtype)
