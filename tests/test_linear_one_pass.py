@@ -211,3 +211,20 @@ def test_cuda_row_kernels_between_library_gemms(case, monkeypatch):
                                      (logp, *torch.autograd.grad(logp, leaves, weights.float())),
                                      (gold_logp, *torch.autograd.grad(gold_logp, gold_leaves, weights))):
         check(f"blocks:cuda {name}", value, expected, None, torch.float32)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (host-sync detection)")
+def test_one_pass_never_syncs_with_checks_off():
+    """Forward and backward of the one-pass path (lens and grpo, old log-probs given) without a
+    device-to-host sync: CUDA graph material."""
+    (hidden, weight, bias, kwargs), options = _problem("lens-off-policy-kl")
+    leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("lens", "grpo"):
+            out = linear_api.fused_linear_lens_loss(*leaves[:2], bias=leaves[2], **kwargs, **{**options, "mode": mode},
+                                                    backend="triton", check_values=False)
+            out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
