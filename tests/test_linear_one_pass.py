@@ -228,3 +228,28 @@ def test_one_pass_never_syncs_with_checks_off():
             out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the profiler, on blocks allocated before it started
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU allocator's profile (the GPU benchmark measures CUDA memory)")
+def test_memory_is_the_gradients_and_one_block(monkeypatch):
+    """Forward and backward of the one-pass path hold the returned gradients, one block of
+    logits and O(N) more, never the [N, V] logits (40 x 2003 fp32 = 320 KB here)."""
+    from lens_kernels.bench.measure import peak_bytes
+
+    monkeypatch.setenv("KINETO_LOG_LEVEL", "6")
+    (hidden, weight, bias, kwargs), options = _problem("lens-off-policy-kl", vocab=2003, dim=8)
+    vocab = weight.shape[0]
+    monkeypatch.setattr(linear_blocks, "SCRATCH_BYTES", 7 * vocab * 4)
+    leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+
+    def step(_):
+        out = linear_api.fused_linear_lens_loss(*leaves[:2], bias=leaves[2], **kwargs, **options, backend="triton")
+        return torch.autograd.grad(out.loss, leaves)
+
+    step(None)
+    grads = sum(t.numel() * t.element_size() for t in leaves)
+    block = 7 * vocab * 4
+    assert hidden.shape[0] * hidden.shape[1] * vocab * 4 > block + 64 * 1024, "the case must tell the two apart"
+    peak = peak_bytes(step, None, torch.device("cpu"))
+    assert peak <= grads + block + 32 * 1024, f"peak {peak} B: more than the gradients ({grads} B) and one block ({block} B)"
