@@ -103,14 +103,13 @@ def fused_linear_lens_loss(
 
     * one pass (``gemm="library"`` or ``"auto"``), when every token's coefficient is known
       before the vocabulary pass (``old_logprobs`` or ``advantages`` given, or
-      ``mode="grpo"``): the rows are taken in
-      blocks whose ``[n, V]`` logits fit in 512 MiB; per block one library GEMM (cuBLAS) makes
-      the logits, one kernel computes the loss terms and overwrites them with ``d loss / d
-      logits``, and two GEMMs add the block's share of ``dh`` and ``dW`` (three GEMMs in all;
-      the ``dW`` GEMM is skipped for a frozen weight, the ``dh`` one for hidden states that do not
-      require grad).  ``loss.backward()`` only scales the gradients by ``grad_output``.  ``dW``
-      is summed over the blocks in the weight's dtype (one rounding per block of ~1.7k rows at
-      V=151936 in bf16).
+      ``mode="grpo"``): the rows are taken in blocks whose ``[n, V]`` logits fit in 512 MiB;
+      per block one library GEMM (cuBLAS) makes the logits, one kernel computes the loss terms
+      and overwrites them with ``d loss / d logits``, and two GEMMs add the block's share of
+      ``dh`` and ``dW`` (three GEMMs in all; the ``dW`` GEMM is skipped for a frozen weight,
+      the ``dh`` one for hidden states that do not require grad).  ``loss.backward()`` only
+      scales the gradients by ``grad_output``.  ``dW`` is summed over the blocks in the
+      weight's dtype (one rounding per block of ~1.7k rows at V=151936 in bf16).
     * recompute (``gemm="triton"``, or on-policy LENS): Triton logit tiles, never stored: the
       forward keeps only per-row logsumexps, the backward recomputes the tiles (four GEMMs in
       all, row blocks with a zero gradient skipped in the three backward ones).  On-policy LENS

@@ -68,7 +68,7 @@ def _linear_bwd(
     inv_temperature: float, path: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dh, dw, dbias = _launchers(path)[1](grad_logp, hidden, weight, bias, target_ids.contiguous(), lse,
-                                           inv_temperature)
+                                        inv_temperature)
     return dh, dw, hidden.new_empty((0,)) if dbias is None else dbias
 
 
@@ -107,7 +107,7 @@ def linear_token_logprobs(
     return logp
 
 
-# ---- the whole loss in one pass (Triton) ----------------------------------------------------
+# ---- the whole loss in one pass (GPU backends) ----------------------------------------------
 
 
 def _loss_one_pass_impl(
