@@ -43,18 +43,6 @@ def _problem(case, **extra):
     return (hidden, weight, bias, kwargs), options
 
 
-@pytest.fixture
-def paths(monkeypatch):
-    """Run a problem through the one-pass path, then through the recompute path."""
-    def both(problem, options):
-        one = run(fused("triton", options), *problem)
-        with monkeypatch.context() as patch:
-            patch.setattr(linear_api, "one_pass_applies", lambda *args: False)
-            two = run(fused("triton", options), *problem)
-        return one, two
-    return both
-
-
 @pytest.mark.parametrize("case", list(ONE_PASS))
 def test_one_pass_matches_the_reference_over_several_row_blocks(case, monkeypatch):
     """Blocks of 7 rows (40 rows in all, so the last block is short)."""
@@ -66,9 +54,11 @@ def test_one_pass_matches_the_reference_over_several_row_blocks(case, monkeypatc
 
 
 @pytest.mark.parametrize("case", list(ONE_PASS))
-def test_one_pass_and_recompute_paths_agree(case, paths):
+def test_one_pass_and_recompute_paths_agree(case):
+    """gemm="auto" (one pass here) against gemm="triton" (Triton tiles, recomputed)."""
     problem, options = _problem(case)
-    (one, one_grads), (two, two_grads) = paths(problem, options)
+    one, one_grads = run(fused("triton", options), *problem)
+    two, two_grads = run(fused("triton-tiles", options), *problem)
     check("loss", one.loss, two.loss, None, torch.float32)
     for name, a, b in zip(("dh", "dW", "dbias"), one_grads, two_grads):
         check(name, a, b, None, torch.float32)
