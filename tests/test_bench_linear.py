@@ -57,3 +57,35 @@ def test_gemm_counts_follow_the_fused_linear_paths():
     assert not LINEAR_IMPLS["fused-linear-library"].skips_dead_rows("lens", "on")
     assert fused_linear_one_pass("lens", "off") and not fused_linear_one_pass("lens", "on")
     assert LINEAR_IMPLS["matmul+fused"].gemms("lens", "on") == 3
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_gpu_script_runs_end_to_end_on_a_tiny_shape(monkeypatch):
+    """scripts/gpu_linear_bench.py on a tiny CPU problem with the CUDA timing and memory calls
+    stubbed: every row is checked against the float64 gold and recorded, so the script does
+    not first fail on a GPU's time."""
+    import functools
+    import importlib.util
+    from pathlib import Path
+
+    from lens_kernels.bench import linear
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_linear_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_linear_bench", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shape = (48, 24, 101)
+    monkeypatch.setattr(script, "TARGET", shape)
+    monkeypatch.setattr(script, "make_linear_inputs", functools.partial(linear.make_linear_inputs, length=8,
+                                                                        group_size=3))
+    monkeypatch.setattr(script, "do_bench", lambda fn, warmup, rep, quantiles: (fn(), [2.0, 1.5, 2.5])[1])
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: 0)
+    records = script.run_shape(shape, "off", ["grpo", "lens"], DEVICE, 0.0)
+    statuses = {(r["impl"], r["mode"]): r["status"] for r in records}
+    assert all(statuses[(name, mode)] == "ok" for name in ROWS for mode in ("grpo", "lens")), statuses
+    assert all(r["dh_rel_err"] < script.GRAD_RTOL for r in records if r["status"] == "ok")
+    table = script.markdown(records, [], dict(device="cpu", torch="-", triton="-", commit="-"))
+    assert table.count("| ok |") == 2 * len(ROWS)
