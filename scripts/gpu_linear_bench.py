@@ -19,12 +19,16 @@ where importable).
    row; its on-policy lens path the forward GEMM plus the three backward GEMMs over the row
    blocks with a nonzero gradient).  Liger and CCE (grpo only) are timed at the target shape
    only, to stay within minutes.
+4. The no-grad log-prob pass (old / reference log-probs) at the target shape: Triton tiles,
+   cuBLAS row blocks, and ``h @ W.T`` then ``lk.token_logprobs``; forward time ("fwd+bwd"
+   column) and peak memory above the inputs and the returned log-probs.
 
 Writes ``linear.json`` and ``linear.md`` into ``--out`` and prints a compact table last.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -268,6 +272,58 @@ def run_shape(dims, policy: str, modes: list[str], device: torch.device, started
     return records
 
 
+# The no-grad log-prob pass (old / reference log-probs): the same inputs, no gradient.
+LOGPROB_ROWS = {
+    "fused-linear-logprobs-tiles": lambda x: lk.fused_linear_token_logprobs(
+        x.hidden, x.weight, x.target_ids, backend="triton", check_values=False, gemm="triton"),
+    "fused-linear-logprobs-library": lambda x: lk.fused_linear_token_logprobs(
+        x.hidden, x.weight, x.target_ids, backend="triton", check_values=False, gemm="library"),
+    "matmul+token_logprobs": lambda x: lk.token_logprobs(x.hidden @ x.weight.T, x.target_ids, check_values=False),
+}
+
+
+def logprob_records(dims, device: torch.device) -> list[dict]:
+    """fwd-only time and peak memory of the no-grad log-prob pass, each row checked first
+    against float64 log-probs (torch fused-linear path on float64 copies)."""
+    n, d, v = dims
+    x = make_linear_inputs(n, d, v, torch.bfloat16, device)
+    records = []
+    with torch.no_grad():
+        gold = lk.fused_linear_token_logprobs(x.hidden.double(), x.weight.double(), x.target_ids, backend="torch",
+                                              check_values=False)
+        for name, fn in LOGPROB_ROWS.items():
+            record = dict(impl=name, mode="logprobs", policy="-", tokens=n, dim=d, vocab=v, gemms=1, status="ok",
+                          reason=None)
+            try:
+                value = fn(x)
+                err = rel(value, gold)
+                record["logp_abs_err"] = (value.double() - gold).abs().max().item()
+                del value
+                if not err < 1e-2:
+                    records.append({**record, "status": "failed-check", "reason": f"logp rel err {err:.1e}"})
+                    continue
+                ms = do_bench(functools.partial(fn, x), warmup=1, rep=200, quantiles=[0.5, 0.2, 0.8])
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                out = fn(x)
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()) / MB
+                tflop = 2 * n * v * d / 1e12
+                record.update(fwdbwd_median_ms=ms[0], fwdbwd_q20_ms=ms[1], fwdbwd_q80_ms=ms[2],
+                              peak_above_inputs_and_grads_mb=peak, gemm_tflop=tflop, tflops=tflop / (ms[0] * 1e-3))
+                del out
+            except Exception as err:  # recorded; the run goes on
+                record.update(status="error", reason=f"{type(err).__name__}: {err}"[:300])
+            records.append(record)
+            log(f"   {name:<30} {record['status']:<6} " + (
+                f"{record['fwdbwd_median_ms']:.2f} ms (forward only), +{record['peak_above_inputs_and_grads_mb']:.0f} MB"
+                if record["status"] == "ok" else str(record["reason"])))
+    del x, gold
+    release()
+    return records
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for linear.json and linear.md")
@@ -292,6 +348,8 @@ def main() -> int:
     for dims in shapes(args.quick):
         for policy in args.policies.split(","):
             records += run_shape(dims, policy, modes, device, started)
+    log("== no-grad log-probs at the target shape (the old / reference log-prob pass)")
+    records += logprob_records(TARGET, device)
     env["wall_s"] = time.perf_counter() - started
     with open(os.path.join(args.out, "linear.json"), "w") as fh:
         json.dump(dict(env=env, small_checks=small, records=records), fh, indent=1)

@@ -87,5 +87,7 @@ def test_gpu_script_runs_end_to_end_on_a_tiny_shape(monkeypatch):
     statuses = {(r["impl"], r["mode"]): r["status"] for r in records}
     assert all(statuses[(name, mode)] == "ok" for name in ROWS for mode in ("grpo", "lens")), statuses
     assert all(r["dh_rel_err"] < script.GRAD_RTOL for r in records if r["status"] == "ok")
-    table = script.markdown(records, [], dict(device="cpu", torch="-", triton="-", commit="-"))
-    assert table.count("| ok |") == 2 * len(ROWS)
+    logprobs = script.logprob_records(shape, DEVICE)
+    assert [r["status"] for r in logprobs] == ["ok"] * len(script.LOGPROB_ROWS), logprobs
+    table = script.markdown(records + logprobs, [], dict(device="cpu", torch="-", triton="-", commit="-"))
+    assert table.count("| ok |") == 2 * len(ROWS) + len(script.LOGPROB_ROWS)
