@@ -345,14 +345,19 @@ def main() -> int:
     small = small_checks(device)
     records = []
     modes = args.modes.split(",")
+
+    def save(partial: bool) -> None:  # rewritten after every shape, so a run cut short keeps its numbers
+        with open(os.path.join(args.out, "linear.json"), "w") as fh:
+            json.dump(dict(env=env, partial=partial, small_checks=small, records=records), fh, indent=1)
+
     for dims in shapes(args.quick):
         for policy in args.policies.split(","):
             records += run_shape(dims, policy, modes, device, started)
+            save(partial=True)
     log("== no-grad log-probs at the target shape (the old / reference log-prob pass)")
     records += logprob_records(TARGET, device)
     env["wall_s"] = time.perf_counter() - started
-    with open(os.path.join(args.out, "linear.json"), "w") as fh:
-        json.dump(dict(env=env, small_checks=small, records=records), fh, indent=1)
+    save(partial=False)
     text = markdown(records, small, env)
     with open(os.path.join(args.out, "linear.md"), "w") as fh:
         fh.write(text)
