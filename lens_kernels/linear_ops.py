@@ -157,13 +157,15 @@ class LinearLensLoss(torch.autograd.Function):
         return tuple(results)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
             return (None,) * 14
         grads = []
+        factor = ops.in_place_factor(ctx, grad_loss)
         for grad, need in zip(ctx.saved_tensors, ctx.needs):
             if need:  # [N, d], [V, d] or [V]: rows of the last dimension
-                ops.call_op(ops.scale_rows_op, ops.scale_rows_impl, grad.view(1, -1, grad.shape[-1]), grad_loss)
+                ops.call_op(ops.scale_rows_op, ops.scale_rows_impl, grad.view(1, -1, grad.shape[-1]), factor)
             grads.append(grad if need else None)
         return (*grads,) + (None,) * 11
 

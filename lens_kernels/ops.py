@@ -253,17 +253,28 @@ class LensLoss(torch.autograd.Function):
         return tuple(results)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
             return (None,) * 16
         if ctx.one_pass:
             (grad,) = ctx.saved_tensors
-            call_op(scale_rows_op, scale_rows_impl, grad, grad_loss)
+            call_op(scale_rows_op, scale_rows_impl, grad, in_place_factor(ctx, grad_loss))
         else:
             logits, target_ids, lse, dlogp = ctx.saved_tensors
             grad = _logprobs_grad(dlogp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend, ctx.inplace,
                                   grad_loss)
         return (grad,) + (None,) * 15
+
+
+def in_place_factor(ctx, grad_loss: Tensor) -> Tensor:
+    """What to multiply a gradient made in the forward and scaled in place by: ``grad_loss`` on
+    the first backward; on a later one (``retain_graph=True``) ``grad_loss`` over the factor the
+    stored gradient already carries, so that every backward returns ``grad_loss * gradient``
+    (after a first backward with ``grad_loss = 0`` the gradient is lost: NaN, not wrong)."""
+    previous = getattr(ctx, "applied_scale", None)
+    ctx.applied_scale = grad_loss.detach()
+    return grad_loss if previous is None else grad_loss / previous
 
 
 def kernel_loss_forward(logits, target_ids, live, rewards, old, ref, advantages, groups, options) -> dict:

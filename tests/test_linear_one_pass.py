@@ -243,3 +243,23 @@ def test_memory_is_the_gradients_and_one_block(monkeypatch):
     assert hidden.shape[0] * hidden.shape[1] * vocab * 4 > block + 64 * 1024, "the case must tell the two apart"
     peak = peak_bytes(step, None, torch.device("cpu"))
     assert peak <= grads + block + 32 * 1024, f"peak {peak} B: more than the gradients ({grads} B) and one block ({block} B)"
+
+
+@pytest.mark.parametrize("fn", ["linear", "logits"])
+def test_retained_graph_gives_the_same_gradient_on_every_backward(fn):
+    """The gradient made in the forward is scaled in place: a second backward of a retained
+    graph must still return grad_output * gradient, not grad_output**2 * gradient."""
+    (hidden, weight, bias, kwargs), options = _problem("lens-off-policy-kl")
+    h = hidden.detach().requires_grad_()
+    if fn == "linear":
+        loss = linear_api.fused_linear_lens_loss(h, weight, bias=bias, **kwargs, **options, backend="triton").loss
+    else:
+        import lens_kernels as lk
+        ids = torch.where(kwargs["completion_mask"], kwargs["target_ids"], 0)
+        loss = lk.fused_lens_loss(h @ weight.T + bias, **{**kwargs, "target_ids": ids}, **options,
+                                  backend="triton").loss
+    first = torch.autograd.grad(0.5 * loss, h, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(0.5 * loss, h, retain_graph=True)[0].clone()
+    third = torch.autograd.grad(2.0 * loss, h)[0]
+    torch.testing.assert_close(second, first)
+    torch.testing.assert_close(third, 4 * first)

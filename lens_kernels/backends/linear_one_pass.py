@@ -81,7 +81,7 @@ def linear_one_pass(
     write_grad = need_h or need_w or need_b
     cal = calibrate(old, live, rewards, groups, options, advantages)
     # per-token views of the [B, T] inputs and gathers of the [B] ones: block rows are [n, 1] problems
-    row_of = torch.arange(batch, device=hidden.device).repeat_interleave(length)
+    row_of = torch.arange(rows, device=hidden.device) // max(length, 1)
     token_adv, token_weight = cal.advantages[row_of], cal.scratch[WEIGHT_ROW][row_of]
     token_ids, token_live = _per_token(target_ids, rows), _per_token(live, rows)
     token_old, token_ref = _per_token(old, rows), _per_token(ref, rows)
