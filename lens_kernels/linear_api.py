@@ -112,7 +112,8 @@ def fused_linear_lens_loss(
       weight's dtype (one rounding per block of ~1.7k rows at V=151936 in bf16).
     * recompute (``gemm="triton"``, or on-policy LENS): Triton logit tiles, never stored: the
       forward keeps only per-row logsumexps, the backward recomputes the tiles (four GEMMs in
-      all, row blocks with a zero gradient skipped in the three backward ones).  On-policy LENS
+      all; row tiles with no completion token skipped in the forward one, row blocks with a
+      zero gradient in the three backward ones).  On-policy LENS
       with ``gemm="library"`` recomputes row blocks with cuBLAS instead (four GEMMs, no skipping).
 
     ``backend="cuda"``: the same two paths with the csrc/ row kernels between the cuBLAS GEMMs
@@ -139,7 +140,8 @@ def fused_linear_lens_loss(
         logp = out.logprobs
     else:
         logp = linear_ops.linear_token_logprobs(
-            flat, weight, bias, target_ids.reshape(-1), options.temperature, _path(linear_backend, gemm)
+            flat, weight, bias, target_ids.reshape(-1), options.temperature, _path(linear_backend, gemm),
+            live_mask(inputs.mask).reshape(-1),
         ).view(batch, length)
         out = _recompute_loss(logp, inputs, options)
     checks.finite("hidden/weight", logp.detach(), inputs.mask, _FINITE_HINT)

@@ -51,13 +51,15 @@ def _launchers(path: str) -> tuple[Callable, Callable]:
 
 @torch.library.custom_op(f"{_LIB}::linear_logprobs_fwd", mutates_args=())
 def _linear_fwd(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, inv_temperature: float, path: str
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, live: Optional[Tensor],
+    inv_temperature: float, path: str,
 ) -> tuple[Tensor, Tensor]:
-    return _launchers(path)[0](hidden, weight, bias, target_ids.contiguous(), inv_temperature)
+    live = None if live is None else live.contiguous()
+    return _launchers(path)[0](hidden, weight, bias, target_ids.contiguous(), inv_temperature, live=live)
 
 
 @_linear_fwd.register_fake
-def _(hidden, weight, bias, target_ids, inv_temperature, path):
+def _(hidden, weight, bias, target_ids, live, inv_temperature, path):
     rows, dtype = hidden.shape[0], accumulation_dtype(hidden.dtype)
     return hidden.new_empty((rows,), dtype=dtype), hidden.new_empty((rows,), dtype=dtype)
 
@@ -80,30 +82,35 @@ def _(grad_logp, hidden, weight, bias, target_ids, lse, inv_temperature, path):
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, target_ids, inv_temperature, path = inputs
-    ctx.save_for_backward(hidden, weight, bias, target_ids, output[1])
+    hidden, weight, bias, target_ids, live, inv_temperature, path = inputs
+    ctx.save_for_backward(hidden, weight, bias, target_ids, live, output[1])
     ctx.inv_temperature, ctx.path = inv_temperature, path
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_logp, _grad_lse):
-    hidden, weight, bias, target_ids, lse = ctx.saved_tensors
-    grad_logp = grad_logp.to(lse.dtype).contiguous()
+    hidden, weight, bias, target_ids, live, lse = ctx.saved_tensors
+    grad_logp = grad_logp.to(lse.dtype)
+    grad_logp = (grad_logp if live is None else torch.where(live, grad_logp, 0)).contiguous()
     dh, dw, dbias = _linear_bwd(grad_logp, hidden, weight, bias, target_ids, lse, ctx.inv_temperature, ctx.path)
     need = ctx.needs_input_grad
     return (dh if need[0] else None, dw if need[1] else None, dbias if bias is not None and need[2] else None,
-            None, None, None)
+            None, None, None, None)
 
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, temperature: float, path: str
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, temperature: float, path: str,
+    live: Optional[Tensor] = None,
 ) -> Tensor:
     """Differentiable ``[N]`` log-probs of ``(hidden [N, d] @ weight.T + bias) / temperature``
-    at ``target_ids [N]`` through ``path`` (see ``_launchers``; no checks)."""
-    logp, _ = _linear_fwd(hidden, weight, bias, target_ids, 1.0 / temperature, path)
+    at ``target_ids [N]`` through ``path`` (see ``_launchers``; no checks).  ``live [N]`` bool
+    (optional): rows that are False get log-prob 0 and no gradient, and the launchers skip
+    their work where they can (Triton tiles: every row tile with no live row; torch: every
+    such row)."""
+    logp, _ = _linear_fwd(hidden, weight, bias, target_ids, live, 1.0 / temperature, path)
     return logp
 
 

@@ -136,6 +136,57 @@ def test_rows_with_zero_gradient_are_skipped_and_stay_zero(backend):
     check("dbias", db, gold_db, None, torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter, on the NaN rows' forward
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_that_are_not_live_get_zero_and_no_gradient(backend):
+    """``live`` (the loss path's completion mask): rows that are False get log-prob 0 and no
+    gradient whatever their hidden state, target or incoming gradient; live rows are exact."""
+    hidden, weight, bias, targets = make_linear(batch=3, length=17)
+    live = torch.ones(targets.shape, dtype=torch.bool, device=DEVICE)
+    live[0] = False  # a whole row tile of the interpreter's 16-row tiles
+    live[2, 5:] = False
+    targets = torch.where(live, targets, -100)
+    hidden = torch.where(live[..., None], hidden, float("nan"))
+    grad_out = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    logp, (dh, dw, db) = logprobs_and_grads(
+        lambda h, w, b, t: linear_ops.linear_token_logprobs(
+            h.view(-1, h.shape[-1]), w, b, t.view(-1), 1.0, PATHS[backend], live.view(-1)),
+        (hidden, weight, bias, targets), grad_out.view(-1))
+    logp = logp.view_as(targets)
+    assert torch.equal(logp[~live], torch.zeros_like(logp[~live]))
+    assert torch.equal(dh.view_as(hidden)[~live], torch.zeros_like(hidden[~live]))
+    gold, (_, gold_dw, gold_db) = logprobs_and_grads(
+        lambda h, w, b, t: materialised_logprobs(h, w, b, t, 1.0),
+        (hidden[live][None], weight, bias, targets[live][None]), grad_out[live][None])
+    check("logp", logp[live], gold[0], None, torch.float32)
+    check("dW", dw, gold_dw, None, torch.float32)
+    check("dbias", db, gold_db, None, torch.float32)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not run here")
+def test_forward_skips_row_tiles_with_no_live_row():
+    """The tiles' forward GEMM never runs for a row tile with no live row: its partials keep
+    their initial values (max -inf), while a tile with one live row is computed in full."""
+    from lens_kernels.backends.triton.linear_forward import _partials_kernel, partials
+    from lens_kernels.backends.triton.linear_tile import tiles_for
+
+    def problem(rows):
+        hidden, weight, bias, targets = make_linear(batch=1, length=rows, vocab=101)
+        return hidden.view(rows, -1), weight, bias, targets.view(-1)
+
+    hidden, weight, bias, targets = problem(8)
+    tiles = tiles_for(hidden.dtype, hidden.device)
+    partials(hidden, weight, bias, targets, None, 1.0, tiles)  # picks the row tile (autotuned, N not in the key)
+    block = _partials_kernel.best_config.kwargs["BLOCK_N"]
+    hidden, weight, bias, targets = problem(3 * block)
+    live = torch.zeros(3 * block, dtype=torch.bool, device=DEVICE)
+    live[block + 3] = True  # the second row tile holds one live row
+    m, s, _ = partials(hidden, weight, bias, targets, live, 1.0, tiles)
+    tile = torch.arange(3 * block, device=DEVICE) // block
+    assert torch.isinf(m[:, tile != 1]).all() and (s[:, tile != 1] == 0).all()
+    assert torch.isfinite(m[:, tile == 1]).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_several_vocabulary_chunks(backend, monkeypatch):
     """The backward's vocabulary chunks (dZ scratch / column chunks) at their smallest."""

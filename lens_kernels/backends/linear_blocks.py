@@ -74,10 +74,12 @@ def add_weight_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, ro
 
 def linear_logprobs_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target_ids: torch.Tensor,
-    inv_temperature: float, backend: str,
+    inv_temperature: float, backend: str, live: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, lse)``, both ``[N]`` fp32, of ``hidden [N, d]``, ``weight [V, d]``, ``bias``
-    and ``target_ids [N]`` (ids outside ``[0, V)`` give NaN) through ``backend``'s row kernels."""
+    and ``target_ids [N]`` (ids outside ``[0, V)`` give NaN) through ``backend``'s row kernels;
+    0 at rows where ``live [N]`` (bool, optional) is False (the library GEMM still makes their
+    logits: skipping them would need their count on the host)."""
     rows = hidden.shape[0]
     vocab = weight.shape[0]
     logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
@@ -90,6 +92,8 @@ def linear_logprobs_forward(
         block_logp, block_lse = kernels.logprobs_forward(z[:, None], target_ids[r, None], inv_temperature)
         logp[r] = block_logp[:, 0]
         lse[r] = block_lse[:, 0]
+    if live is not None:
+        logp, lse = torch.where(live, logp, 0), torch.where(live, lse, 0)
     return logp, lse
 
 

@@ -5,8 +5,9 @@ Runs on any device and in float64 (for tests and gradcheck).  The logits
 time in the accumulation dtype (fp32, float64 for float64 inputs), so temporaries stay below
 about ``CHUNK_BYTES`` whatever ``N`` and ``V`` are:
 
-* forward: per row chunk, an online logsumexp over the column chunks (running max and
-  rescaled sum) and the target logit taken from the chunk that holds it;
+* forward: per row chunk (live rows only, when the caller says which), an online logsumexp
+  over the column chunks (running max and rescaled sum) and the target logit taken from the
+  chunk that holds it;
 * backward: only rows with ``g != 0`` are recomputed (one host sync to find them); per column
   chunk, ``dZ = g * inv_t * (onehot - p)``, ``dh += dZ @ W[cols]``, ``dW[cols] = dZ.T @ h``
   summed over the row chunks in the accumulation dtype and written once, ``dbias[cols] =
@@ -46,15 +47,19 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return z if inv_t == 1.0 else z.mul_(inv_t)
 
 
-def linear_logprobs_forward(hidden, weight, bias, target_ids, inv_temperature):
-    """``(logp, lse)`` ``[N]`` in the accumulation dtype; ids outside ``[0, V)`` give NaN."""
+def linear_logprobs_forward(hidden, weight, bias, target_ids, inv_temperature, live=None):
+    """``(logp, lse)`` ``[N]`` in the accumulation dtype; ids outside ``[0, V)`` give NaN.
+    Rows where ``live [N]`` (bool, optional) is False are never computed (found by one host
+    sync) and get 0."""
     rows, _ = hidden.shape
     vocab = weight.shape[0]
     work = accumulation_dtype(hidden.dtype)
-    logp = hidden.new_empty(rows, dtype=work)
-    lse = torch.empty_like(logp)
+    logp = hidden.new_zeros(rows, dtype=work)
+    lse = torch.zeros_like(logp)
+    index = None if live is None else live.nonzero().squeeze(1)
     row_step, col_step = _steps(vocab, work)
-    for r in _spans(rows, row_step):
+    for r in _spans(rows if index is None else index.numel(), row_step):
+        r = r if index is None else index[r]
         h = hidden[r].to(work)
         target = target_ids[r]
         m = h.new_full((h.shape[0],), float("-inf"))

@@ -12,15 +12,16 @@ the inputs' dtype, at most ``SCRATCH_BYTES``).  Per chunk, three launches:
    the logit tile (``linear_tile.logits_tile``), forms ``dZ`` in registers in fp32 and stores
    it rounded to the inputs' dtype (as PyTorch's own gradient of bf16 logits is);
    tiles whose rows all have ``g == 0`` (masked positions, zero-advantage rows, clipped tokens)
-   skip the GEMM and store zeros; with a bias, each tile also stores its fp32 column sums
-   (``dbias`` partials, one row per row tile, summed in order at the end);
+   skip the GEMM and store zeros; with a bias, ``dbias[chunk] = dZ.sum(0)`` (fp32 sums of the
+   stored ``dZ``, as the one-pass path and PyTorch's own bf16 backward sum);
 2. ``linear_grad_gemm.accumulate_dh``: ``dh_acc (fp32) += dZ @ W[chunk]``;
 3. ``linear_grad_gemm.write_dw``: ``dW[chunk] = dZ.T @ h`` reduced over all ``N`` in fp32 and
    written once.
 
 GEMMs: one in the forward, three here (four in all, ``8 N V d`` FLOPs with every row live).
 No atomics, no locks: every output element has one writer per launch and launches run in a
-fixed order, so results are bitwise reproducible.
+fixed order, so results are bitwise reproducible for a given choice of tiles (autotuned once
+per machine, ``linear_tile.autotuned``).
 """
 from __future__ import annotations
 
@@ -31,15 +32,16 @@ import triton
 import triton.language as tl
 
 from .linear_grad_gemm import accumulate_dh, live_row_blocks, write_dw
-from .linear_tile import blocks_for, grouped, logits_tile
+from .linear_tile import autotuned, grouped, logits_tile, tiles_for
 
 # Bound on the dZ scratch of one vocabulary chunk.
 SCRATCH_BYTES = 512 * 2**20
 
 
+@autotuned("logits", "h_ptr", key=["V", "D"])
 @triton.jit
 def _dz_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr, g_ptr, lse_ptr, dz_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, g_ptr, lse_ptr, dz_ptr,
     N, V, D, col0, width,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dz,
     inv_t,
@@ -68,15 +70,13 @@ def _dz_kernel(
         dz = tl.where((g != 0)[:, None], grad, 0.0)
     out = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-    if HAS_BIAS:
-        tl.store(db_ptr + tile_n.to(tl.int64) * V + col0 + local, tl.sum(dz, axis=0), mask=col_ok)
 
 
-def chunk_width(rows: int, vocab: int, element_size: int, block_v: int) -> int:
-    """Columns per vocabulary chunk: a multiple of ``block_v``, at most ``SCRATCH_BYTES`` of
-    ``[rows, width]`` scratch, at least one tile, at most the whole (rounded-up) vocabulary."""
-    fit = SCRATCH_BYTES // max(1, rows * element_size) // block_v * block_v
-    return max(block_v, min(fit, triton.cdiv(vocab, block_v) * block_v))
+def chunk_width(rows: int, vocab: int, element_size: int, align: int) -> int:
+    """Columns per vocabulary chunk: a multiple of ``align``, at most ``SCRATCH_BYTES`` of
+    ``[rows, width]`` scratch, at least ``align``, at most the whole (rounded-up) vocabulary."""
+    fit = SCRATCH_BYTES // max(1, rows * element_size) // align * align
+    return max(align, min(fit, triton.cdiv(vocab, align) * align))
 
 
 def linear_logprobs_backward(
@@ -96,28 +96,25 @@ def linear_logprobs_backward(
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    blk = blocks_for(hidden.dtype, device)
+    tiles = tiles_for(hidden.dtype, device)
     acc = torch.zeros((rows, dim), device=device, dtype=torch.float32)
     dw = torch.empty((vocab, dim), device=device, dtype=weight.dtype)
-    db_parts = None if bias is None else torch.zeros((triton.cdiv(rows, blk.n), vocab), device=device,
-                                                     dtype=torch.float32)
-    width = chunk_width(rows, vocab, hidden.element_size(), blk.v)
+    dbias = None if bias is None else torch.empty(vocab, device=device, dtype=bias.dtype)
+    width = chunk_width(rows, vocab, hidden.element_size(), tiles.chunk_align)
     dz = torch.empty((rows, width), device=device, dtype=hidden.dtype)
-    live = live_row_blocks(grad_logp, blk.k)
+    live = live_row_blocks(grad_logp, tiles.dw_rows)
     for col0 in range(0, vocab, width):
         cols = min(width, vocab - col0)
         if rows:
-            _dz_kernel[(triton.cdiv(rows, blk.n) * triton.cdiv(cols, blk.v),)](
+            _dz_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(cols, meta["BLOCK_V"]),)](
                 hidden, weight, weight if bias is None else bias, target_ids, grad_logp, lse, dz,
-                dz if db_parts is None else db_parts,
                 rows, vocab, dim, col0, cols,
                 *hidden.stride(), *weight.stride(), dz.stride(0),
                 float(inv_temperature),
-                HAS_BIAS=bias is not None, BLOCK_N=blk.n, BLOCK_V=blk.v, BLOCK_K=blk.k,
-                GROUP=blk.group, PRECISION=blk.precision, UPCAST=blk.upcast,
-                num_warps=blk.num_warps, num_stages=blk.num_stages,
+                HAS_BIAS=bias is not None, GROUP=tiles.group, PRECISION=tiles.precision, UPCAST=tiles.upcast,
             )
-            accumulate_dh(dz, weight, grad_logp, acc, col0, cols, blk)
-        write_dw(dz, hidden, grad_logp, live, dw[col0:col0 + cols], cols, blk)
-    dbias = None if bias is None else db_parts.sum(0).to(bias.dtype)
+            accumulate_dh(dz, weight, grad_logp, acc, col0, cols, tiles)
+        write_dw(dz, hidden, grad_logp, live, dw[col0:col0 + cols], cols, tiles)
+        if dbias is not None:
+            dbias[col0:col0 + cols] = dz[:, :cols].sum(0, dtype=torch.float32)
     return acc.to(hidden.dtype), dw, dbias

@@ -4,15 +4,18 @@ without the ``[N, V]`` logits.
 Two kernels:
 
 1. ``_partials_kernel``, grid ``cdiv(N, BLOCK_N) * splits`` where a split is
-   ``tiles_per_split`` consecutive vocabulary tiles of ``BLOCK_V`` columns.  A program computes
+   ``Tiles.split_cols`` consecutive vocabulary columns (tiles of ``BLOCK_V``; the tile shapes,
+   warps and stages are autotuned, ``linear_tile.CONFIGS``).  A program computes
    its logit tiles (``linear_tile.logits_tile``: a ``tl.dot`` loop over ``d``, fp32
    accumulation), keeps an online max ``m`` and rescaled sum-exp ``s`` per row, and picks the
    target logit out of the tile that holds it (0 elsewhere).  It writes one partial
-   ``(m, s, z_target)`` per (split, row): ``3 * splits * N`` fp32 values in all.
+   ``(m, s, z_target)`` per (split, row): ``3 * splits * N`` fp32 values in all.  Given the
+   rows' ``live`` flags (the loss path: the completion mask), a tile of rows none of which is
+   live skips its GEMM (padding and prompt positions cost no FLOPs).
 2. ``_merge_kernel``, grid ``cdiv(N, BLOCK)``: for each row, walks the splits in order,
    ``lse = M + log(sum_k s_k exp(m_k - M))`` with ``M = max_k m_k``, and reads the target logit
    from the split ``target // split_cols`` only.  A fixed order, no atomics: bitwise
-   deterministic.
+   deterministic.  Rows that are not live get ``logp = lse = 0``.
 
 Ids outside ``[0, V)`` (a -100 label at a masked position) give ``logp = NaN`` and touch no
 memory out of range, as in the logits path.
@@ -25,20 +28,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_tile import blocks_for, grouped, logits_tile
+from .linear_tile import Tiles, autotuned, grouped, logits_tile, tiles_for
 
 _MERGE_BLOCK = 256
 
 
+@autotuned("logits", "h_ptr", key=["V", "D"])
 @triton.jit
 def _partials_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, zt_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, live_ptr, m_ptr, s_ptr, zt_ptr,
     N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    inv_t, splits, tiles_per_split,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    inv_t, splits,
+    SPLIT_COLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    tiles_per_split: tl.constexpr = SPLIT_COLS // BLOCK_V
     split, tile_n = grouped(tl.program_id(0), splits, tl.cdiv(N, BLOCK_N), GROUP)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -46,8 +52,13 @@ def _partials_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     z_target = tl.zeros((BLOCK_N,), tl.float32)
-    for tile in range(0, tiles_per_split):
-        cols = (split * tiles_per_split + tile) * BLOCK_V + tl.arange(0, BLOCK_V)
+    if HAS_LIVE:
+        walk = tl.where(tl.max(tl.load(live_ptr + rows, mask=row_ok, other=0).to(tl.int32), axis=0) > 0,
+                        tiles_per_split, 0)
+    else:
+        walk = tiles_per_split
+    for tile in range(0, walk):
+        cols = split * SPLIT_COLS + tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         z = logits_tile(
             h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
@@ -68,12 +79,15 @@ def _partials_kernel(
 
 @triton.jit
 def _merge_kernel(
-    m_ptr, s_ptr, zt_ptr, tgt_ptr, logp_ptr, lse_ptr,
+    m_ptr, s_ptr, zt_ptr, tgt_ptr, live_ptr, logp_ptr, lse_ptr,
     N, V, splits, split_cols,
-    BLOCK: tl.constexpr,
+    HAS_LIVE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < N
+    inside = rows < N
+    row_ok = inside  # the rows computed; the others get 0
+    if HAS_LIVE:
+        row_ok = inside & (tl.load(live_ptr + rows, mask=inside, other=0) != 0)
     top = tl.full((BLOCK,), float("-inf"), tl.float32)
     for k in range(0, splits):
         top = tl.maximum(top, tl.load(m_ptr + k * N + rows, mask=row_ok, other=float("-inf")))
@@ -82,13 +96,36 @@ def _merge_kernel(
     for k in range(0, splits):
         m = tl.load(m_ptr + k * N + rows, mask=row_ok, other=float("-inf"))
         total += tl.load(s_ptr + k * N + rows, mask=row_ok, other=0.0) * tl.exp(m - shift)
-    lse = top + tl.log(tl.where(row_ok, total, 1.0))
+    lse = tl.where(row_ok, top + tl.log(tl.where(row_ok, total, 1.0)), 0.0)
     target = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     valid = (target >= 0) & (target < V) & row_ok
     owner = tl.where(valid, target // split_cols, 0)
     z_target = tl.load(zt_ptr + owner * N + rows, mask=valid, other=float("nan"))
-    tl.store(logp_ptr + rows, z_target - lse, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(logp_ptr + rows, tl.where(row_ok, z_target - lse, 0.0), mask=inside)
+    tl.store(lse_ptr + rows, lse, mask=inside)
+
+
+def partials(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target_ids: torch.Tensor,
+    live: Optional[torch.Tensor], inv_temperature: float, tiles: Tiles,
+) -> torch.Tensor:
+    """``[3, splits, N]`` fp32: the per-split running max, rescaled sum-exp and target logit of
+    every row (``-inf``, 0, 0 where a row tile was skipped).  Arguments as for
+    :func:`linear_logprobs_forward`, ``N > 0``."""
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    splits = triton.cdiv(vocab, tiles.split_cols)
+    parts = torch.empty((3, splits, rows), device=hidden.device, dtype=torch.float32)
+    _partials_kernel[lambda meta: (splits * triton.cdiv(rows, meta["BLOCK_N"]),)](
+        hidden, weight, weight if bias is None else bias, target_ids, target_ids if live is None else live,
+        parts[0], parts[1], parts[2],
+        rows, vocab, dim,
+        *hidden.stride(), *weight.stride(),
+        float(inv_temperature), splits,
+        SPLIT_COLS=tiles.split_cols, HAS_BIAS=bias is not None, HAS_LIVE=live is not None,
+        GROUP=tiles.group, PRECISION=tiles.precision, UPCAST=tiles.upcast,
+    )
+    return parts
 
 
 def linear_logprobs_forward(
@@ -97,32 +134,23 @@ def linear_logprobs_forward(
     bias: Optional[torch.Tensor],
     target_ids: torch.Tensor,
     inv_temperature: float,
+    live: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, lse)``, both ``[N]`` fp32, for ``z = (hidden @ weight.T + bias) * inv_temperature``.
 
     ``hidden [N, d]`` and ``weight [V, d]`` (same dtype: fp32, bf16 or fp16; any strides),
-    ``bias [V]`` or None, ``target_ids [N]`` int64 contiguous.
+    ``bias [V]`` or None, ``target_ids [N]`` int64 contiguous, ``live [N]`` bool contiguous or
+    None (every row live): rows not live get 0, and a row tile with no live row is skipped.
     """
-    rows, dim = hidden.shape
-    vocab = weight.shape[0]
+    rows = hidden.shape[0]
     logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     if rows == 0:
         return logp, lse
-    blk = blocks_for(hidden.dtype, hidden.device)
-    splits = triton.cdiv(vocab, blk.split_cols)
-    m, s, z_target = torch.empty((3, splits, rows), device=hidden.device, dtype=torch.float32).unbind(0)
-    grid = (splits * triton.cdiv(rows, blk.n),)
-    _partials_kernel[grid](
-        hidden, weight, weight if bias is None else bias, target_ids, m, s, z_target,
-        rows, vocab, dim,
-        *hidden.stride(), *weight.stride(),
-        float(inv_temperature), splits, blk.tiles_per_split,
-        HAS_BIAS=bias is not None, BLOCK_N=blk.n, BLOCK_V=blk.v, BLOCK_K=blk.k,
-        GROUP=blk.group, PRECISION=blk.precision, UPCAST=blk.upcast,
-        num_warps=blk.num_warps, num_stages=blk.num_stages,
-    )
+    tiles = tiles_for(hidden.dtype, hidden.device)
+    m, s, z_target = partials(hidden, weight, bias, target_ids, live, inv_temperature, tiles)
     _merge_kernel[(triton.cdiv(rows, _MERGE_BLOCK),)](
-        m, s, z_target, target_ids, logp, lse, rows, vocab, splits, blk.split_cols, BLOCK=_MERGE_BLOCK,
+        m, s, z_target, target_ids, target_ids if live is None else live, logp, lse, rows, weight.shape[0],
+        m.shape[0], tiles.split_cols, HAS_LIVE=live is not None, BLOCK=_MERGE_BLOCK,
     )
     return logp, lse

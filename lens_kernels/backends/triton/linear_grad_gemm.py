@@ -11,6 +11,9 @@
   ``dz.T @ h`` reduced over all ``N`` in fp32 registers and written once, in ``W``'s dtype.
   The reduction walks only the row blocks that hold a row with ``g != 0``: their indices come
   first in ``live_blocks`` and ``live_count`` says how many (device values, no host sync).
+
+Both kernels are autotuned (``linear_tile.CONFIGS``; ``_dh_kernel`` with its accumulator
+restored between the timed configurations).
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_tile import Blocks, dot, grouped
+from .linear_tile import Tiles, autotuned, dot, grouped
 
 
+@autotuned("dh", "dz_ptr", key=["D"], restore_value=["acc_ptr"])
 @triton.jit
 def _dh_kernel(
     dz_ptr, w_ptr, g_ptr, acc_ptr,
@@ -51,6 +55,7 @@ def _dh_kernel(
         tl.store(out, acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
+@autotuned("dw", "dz_ptr", key=["D"])
 @triton.jit
 def _dw_kernel(
     dz_ptr, h_ptr, g_ptr, live_ptr, count_ptr, dw_ptr,
@@ -91,26 +96,22 @@ def live_row_blocks(grad_logp: torch.Tensor, block: int) -> tuple[torch.Tensor, 
 
 
 def accumulate_dh(dz: torch.Tensor, weight: torch.Tensor, grad_logp: torch.Tensor, acc: torch.Tensor,
-                  col0: int, width: int, blk: Blocks) -> None:
+                  col0: int, width: int, tiles: Tiles) -> None:
     """``acc += dz[:, :width] @ weight[col0 : col0 + width]`` (``acc [N, d]`` fp32 contiguous)."""
     rows, dim = acc.shape
-    grid = (triton.cdiv(rows, blk.n) * triton.cdiv(dim, blk.d),)
-    _dh_kernel[grid](
+    _dh_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(dim, meta["BLOCK_D"]),)](
         dz, weight, grad_logp, acc, rows, dim, col0, width, dz.stride(0), *weight.stride(),
-        BLOCK_N=blk.n, BLOCK_D=blk.d, BLOCK_K=blk.k, GROUP=blk.group, PRECISION=blk.precision,
-        UPCAST=blk.upcast, num_warps=blk.num_warps, num_stages=blk.num_stages,
+        GROUP=tiles.group, PRECISION=tiles.precision, UPCAST=tiles.upcast,
     )
 
 
 def write_dw(dz: torch.Tensor, hidden: torch.Tensor, grad_logp: torch.Tensor, live: tuple[torch.Tensor, torch.Tensor],
-             dw: torch.Tensor, width: int, blk: Blocks) -> None:
+             dw: torch.Tensor, width: int, tiles: Tiles) -> None:
     """``dw = dz[:, :width].T @ hidden`` for one chunk (``dw [width, d]``, a view of the full
-    gradient)."""
+    gradient); ``live`` from :func:`live_row_blocks` with ``tiles.dw_rows``."""
     rows, dim = hidden.shape
-    grid = (triton.cdiv(width, blk.v) * triton.cdiv(dim, blk.d),)
-    _dw_kernel[grid](
+    _dw_kernel[lambda meta: (triton.cdiv(width, meta["BLOCK_V"]) * triton.cdiv(dim, meta["BLOCK_D"]),)](
         dz, hidden, grad_logp, live[0], live[1], dw,
         rows, dim, width, dz.stride(0), *hidden.stride(), *dw.stride(),
-        BLOCK_V=blk.v, BLOCK_D=blk.d, BLOCK_K=blk.k,
-        GROUP=blk.group, PRECISION=blk.precision, UPCAST=blk.upcast, num_warps=blk.num_warps, num_stages=blk.num_stages,
+        BLOCK_K=tiles.dw_rows, GROUP=tiles.group, PRECISION=tiles.precision, UPCAST=tiles.upcast,
     )

@@ -1,5 +1,5 @@
-"""What the fused-linear kernels share: one logit tile ``z = (h @ W.T + b) * inv_t`` and the
-block sizes.
+"""What the fused-linear kernels share: one logit tile ``z = (h @ W.T + b) * inv_t``, the
+fixed sizes (``Tiles``) and the autotuned tile configurations (``CONFIGS``, ``autotuned``).
 
 ``logits_tile`` computes a ``[BLOCK_N, BLOCK_V]`` fp32 tile from ``hidden [N, d]`` and
 ``weight [V, d]`` (any strides) by a ``tl.dot`` loop over ``d`` in ``BLOCK_K`` steps with fp32
@@ -15,8 +15,9 @@ Offsets are int64 before they meet a stride: ``V * d`` and ``N * d`` may pass ``
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -56,40 +57,95 @@ def logits_tile(
     return tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
 
 
-class Blocks(NamedTuple):
-    """Tile sizes and launch options of the fused-linear kernels for one input dtype."""
+class Tiles(NamedTuple):
+    """What the fused-linear launchers fix for one input dtype; the tile shapes, warps and
+    pipeline depth of each kernel are picked by ``autotuned`` among ``CONFIGS``."""
 
-    n: int  # rows of hidden per tile
-    v: int  # vocabulary columns per tile
-    k: int  # reduction step (over d in the logit tiles, over N or V in the gradient GEMMs)
-    d: int  # columns of d per gradient tile
-    tiles_per_split: int  # vocabulary tiles one forward program walks (one partial per split)
+    split_cols: int  # vocabulary columns per forward partial (a multiple of every BLOCK_V)
+    chunk_align: int  # the backward's vocabulary chunks are a multiple of this (every BLOCK_V)
+    dw_rows: int  # rows per step of the dW reduction over N (its live-block granularity)
     group: int  # tiles of the slower grid axis launched together (L2 reuse)
-    num_warps: int
-    num_stages: int
     precision: str  # tl.dot input_precision
     upcast: bool  # widen 2-byte operands to fp32 before tl.dot (the CPU interpreter)
-
-    @property
-    def split_cols(self) -> int:
-        return self.v * self.tiles_per_split
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def blocks_for(dtype: torch.dtype, device: torch.device) -> Blocks:
-    """Tiles for ``dtype`` on ``device``.  On the CPU (Triton's interpreter) tiles are tiny, so
-    that tests on tiny shapes still cross every tile and split boundary.  GPU values are
-    unmeasured starting points (128x128x64 tensor-core tiles, 8 warps, 3 stages for 2-byte
-    inputs; half-size tiles for fp32 with IEEE dots)."""
+def tiles_for(dtype: torch.dtype, device: torch.device) -> Tiles:
+    """The fixed sizes for ``dtype`` on ``device``.  On the CPU (Triton's interpreter) tiles
+    are tiny, so that tests on tiny shapes still cross every tile and split boundary."""
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if torch.device(device).type == "cpu" or interpreting():
-        return Blocks(16, 32, 16, 32, 2, 2, 1, 1, precision, dtype != torch.float32)
-    if dtype == torch.float32:
-        return Blocks(64, 64, 32, 64, 32, 8, 4, 2, precision, False)
-    return Blocks(128, 128, 64, 128, 16, 8, 8, 3, precision, False)
+        return Tiles(64, 32, 16, 2, precision, dtype != torch.float32)
+    return Tiles(2048, 256, 64, 8, precision, False)
+
+
+def gpu_configs() -> dict[str, dict[int, list[triton.Config]]]:
+    """Candidates per kernel family and input element size (2: bf16/fp16 on the tensor cores
+    with fp32 accumulation; 4: fp32 with IEEE dots, half-size tiles).  The first of each list
+    is the configuration measured on an H100 before autotuning (benchmarks/NOTES.md, issue 9).
+    Every ``BLOCK_V`` divides the GPU ``Tiles.split_cols`` and ``chunk_align``."""
+    return {
+        "logits": {  # [BLOCK_N, BLOCK_V] logit tiles, a loop over d in BLOCK_K steps
+            2: [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_K=64), _config(8, 3, BLOCK_N=128, BLOCK_V=256, BLOCK_K=64),
+                _config(8, 3, BLOCK_N=256, BLOCK_V=128, BLOCK_K=64), _config(4, 4, BLOCK_N=128, BLOCK_V=128, BLOCK_K=64),
+                _config(8, 4, BLOCK_N=128, BLOCK_V=256, BLOCK_K=32)],
+            4: [_config(4, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_K=32), _config(4, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_K=32),
+                _config(8, 2, BLOCK_N=128, BLOCK_V=64, BLOCK_K=32)],
+        },
+        "dh": {  # [BLOCK_N, BLOCK_D] tiles of dh, a loop over the chunk's columns in BLOCK_K steps
+            2: [_config(8, 3, BLOCK_N=128, BLOCK_D=128, BLOCK_K=64), _config(8, 3, BLOCK_N=128, BLOCK_D=256, BLOCK_K=64),
+                _config(8, 3, BLOCK_N=256, BLOCK_D=128, BLOCK_K=64), _config(4, 4, BLOCK_N=128, BLOCK_D=128, BLOCK_K=64)],
+            4: [_config(4, 2, BLOCK_N=64, BLOCK_D=64, BLOCK_K=32), _config(8, 2, BLOCK_N=128, BLOCK_D=64, BLOCK_K=32)],
+        },
+        "dw": {  # [BLOCK_V, BLOCK_D] tiles of dW, a loop over the live row blocks (Tiles.dw_rows)
+            2: [_config(8, 3, BLOCK_V=128, BLOCK_D=128), _config(8, 3, BLOCK_V=128, BLOCK_D=256),
+                _config(8, 3, BLOCK_V=256, BLOCK_D=128), _config(4, 4, BLOCK_V=128, BLOCK_D=128)],
+            4: [_config(4, 2, BLOCK_V=64, BLOCK_D=64), _config(8, 2, BLOCK_V=128, BLOCK_D=64)],
+        },
+    }
+
+
+def interpreter_configs() -> dict[str, dict[int, list[triton.Config]]]:
+    """One tiny configuration per family, the same object for both element sizes (so the
+    autotuner never benchmarks: the interpreter cannot time)."""
+    return {family: dict.fromkeys((2, 4), [_config(1, 1, **blocks)]) for family, blocks in (
+        ("logits", dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16)),
+        ("dh", dict(BLOCK_N=16, BLOCK_D=32, BLOCK_K=16)),
+        ("dw", dict(BLOCK_V=32, BLOCK_D=32)),
+    )}
+
+
+def _config(warps: int, stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+CONFIGS = interpreter_configs() if interpreting() else gpu_configs()
+
+
+def _for_dtype(family: str, operand: str):
+    """``early_config_prune``: the candidates of ``family`` for the element size of ``operand``."""
+    def prune(configs, named_args, **_):
+        wanted = CONFIGS[family][named_args[operand].element_size()]
+        return [c for c in configs if c in wanted]
+    return prune
+
+
+# ``cache_results`` (Triton >= 3.2) keeps the pick on disk, so every process of a machine
+# uses the same tiles (and gets bitwise the same sums).
+_DISK = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def autotuned(family: str, operand: str, key: list[str], restore_value: Optional[list[str]] = None):
+    """``triton.autotune`` over ``CONFIGS[family]``, pruned to the element size of the
+    pointer argument ``operand``.  ``key`` leaves out ``N`` (it changes with every batch);
+    argument dtypes are part of Triton's key already.  ``restore_value``: arguments the
+    kernel reads and writes, restored between the timed configurations."""
+    configs = list({id(c): c for size in (2, 4) for c in CONFIGS[family][size]}.values())
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _for_dtype(family, operand)},
+                           restore_value=restore_value or [], **_DISK)
 
 
 @triton.jit
