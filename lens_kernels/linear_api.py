@@ -98,23 +98,26 @@ def fused_linear_lens_loss(
     embeddings) receives both gradients through autograd.  ``logprobs`` is 0 at masked-out
     positions.
 
-    Paths (``backend="triton"``, the default on CUDA; ``gemm="auto"`` picks the first where it
-    applies, the second otherwise):
+    Paths (``backend="triton"``, the default on CUDA):
 
-    * one pass (``gemm="library"`` or ``"auto"``), when every token's coefficient is known
-      before the vocabulary pass (``old_logprobs`` or ``advantages`` given, or
-      ``mode="grpo"``): the rows are taken in blocks whose ``[n, V]`` logits fit in 512 MiB;
-      per block one library GEMM (cuBLAS) makes the logits, one kernel computes the loss terms
-      and overwrites them with ``d loss / d logits``, and two GEMMs add the block's share of
-      ``dh`` and ``dW`` (three GEMMs in all; the ``dW`` GEMM is skipped for a frozen weight,
-      the ``dh`` one for hidden states that do not require grad).  ``loss.backward()`` only
-      scales the gradients by ``grad_output``.  ``dW`` is summed over the blocks in the
-      weight's dtype (one rounding per block of ~1.7k rows at V=151936 in bf16).
-    * recompute (``gemm="triton"``, or on-policy LENS): Triton logit tiles, never stored: the
-      forward keeps only per-row logsumexps, the backward recomputes the tiles (four GEMMs in
-      all; row tiles with no completion token skipped in the forward one, row blocks with a
-      zero gradient in the three backward ones).  On-policy LENS
-      with ``gemm="library"`` recomputes row blocks with cuBLAS instead (four GEMMs, no skipping).
+    * one pass, when every token's coefficient is known before the vocabulary pass
+      (``old_logprobs`` or ``advantages`` given, or ``mode="grpo"``): the rows are taken in
+      blocks whose ``[n, V]`` logits fit in 512 MiB; per block one GEMM makes the logits, one
+      kernel computes the loss terms and overwrites them with ``d loss / d logits``, and two
+      GEMMs add the block's share of ``dh`` and ``dW`` (three GEMMs in all; the ``dW`` GEMM is
+      skipped for a frozen weight, the ``dh`` one for hidden states that do not require grad).
+      ``loss.backward()`` only scales the gradients by ``grad_output``.  ``dW`` is summed over
+      the blocks in the weight's dtype (one rounding per block of ~1.7k rows at V=151936 in
+      bf16).  ``gemm="library"`` or ``"auto"``: the GEMMs by cuBLAS over every row;
+      ``gemm="triton"``: Triton GEMMs that skip row tiles with no completion token (logits)
+      or no nonzero coefficient (``dh``, ``dW``: padding, zero-advantage groups), for batches
+      with much padding or many such groups.
+    * recompute (on-policy LENS, whose confidences need the whole batch's log-probs first):
+      with ``gemm="triton"`` or ``"auto"``, Triton logit tiles, never stored: the forward
+      keeps only per-row logsumexps, the backward recomputes the tiles (four GEMMs in all; row
+      tiles with no completion token skipped in the forward one, row blocks with a zero
+      gradient in the three backward ones); with ``gemm="library"``, cuBLAS row blocks
+      recomputed in the backward (four GEMMs, no skipping).
 
     ``backend="cuda"``: the same two paths with the csrc/ row kernels between the cuBLAS GEMMs
     (no Triton tiles).  ``backend="torch"`` (any device, float64 too): chunked matmuls with
@@ -132,10 +135,10 @@ def fused_linear_lens_loss(
     )
     flat = hidden.reshape(batch * length, dim)
     one_pass = one_pass_applies(options, inputs.old is not None, inputs.advantages is not None)
-    if linear_backend != "torch" and gemm != "triton" and one_pass:
+    if linear_backend != "torch" and one_pass:
         out = LensOutput(**linear_ops.linear_loss_one_pass(
             flat, weight, bias, inputs.target_ids, live_mask(inputs.mask), inputs.rewards, inputs.old, inputs.ref,
-            inputs.advantages, inputs.groups, options,
+            inputs.advantages, inputs.groups, options, "triton" if gemm == "triton" else "library",
         ))
         logp = out.logprobs
     else:

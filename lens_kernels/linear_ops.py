@@ -120,14 +120,15 @@ def linear_token_logprobs(
 def _loss_one_pass_impl(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, live: Tensor, rewards: Tensor,
     old: Optional[Tensor], ref: Optional[Tensor], advantages: Optional[Tensor], order: Optional[Tensor],
-    start: Optional[Tensor], size: Optional[Tensor], group_sizes: list[int], options: str, needs: list[bool],
+    start: Optional[Tensor], size: Optional[Tensor], group_sizes: list[int], options: str, gemm: str,
+    needs: list[bool],
 ) -> list[Tensor]:
     from .backends.linear_one_pass import linear_one_pass
 
     result, grads = linear_one_pass(
         hidden, weight, bias, target_ids, live, rewards, old, ref, advantages,
         ops.group_layout(target_ids.shape[0], group_sizes, order, start, size), LensOptions.from_key(options),
-        (needs[0], needs[1], needs[2]),
+        (needs[0], needs[1], needs[2]), gemm,
     )
     return ops.flatten_results(result, live) + [hidden.new_empty(0) if g is None else g for g in grads]
 
@@ -137,7 +138,7 @@ _loss_one_pass = torch.library.custom_op(f"{_LIB}::linear_loss_one_pass", _loss_
 
 @_loss_one_pass.register_fake
 def _(hidden, weight, bias, target_ids, live, rewards, old, ref, advantages, order, start, size, group_sizes,
-      options, needs):
+      options, gemm, needs):
     results = ops.fake_results(target_ids, advantages is None, group_sizes[0] if group_sizes else 0, ref is not None)
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None and need else hidden.new_empty(0)
              for t, need in zip((hidden, weight, bias), needs)]
@@ -151,12 +152,12 @@ class LinearLensLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target_ids, live, rewards, old, ref, advantages, order, start, size,
-                group_sizes, key: str):
+                group_sizes, key: str, gemm: str):
         needs = [bool(n) for n in ctx.needs_input_grad[:3]]
         ctx.set_materialize_grads(False)
         *results, dh, dw, db = ops.call_op(
             _loss_one_pass, _loss_one_pass_impl, hidden, weight, bias, target_ids, live, rewards, old, ref,
-            advantages, order, start, size, group_sizes, key, needs,
+            advantages, order, start, size, group_sizes, key, gemm, needs,
         )
         ctx.needs = needs
         ctx.save_for_backward(dh, dw, db)
@@ -167,25 +168,26 @@ class LinearLensLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * 14
+            return (None,) * 15
         grads = []
         factor = ops.in_place_factor(ctx, grad_loss)
         for grad, need in zip(ctx.saved_tensors, ctx.needs):
             if need:  # [N, d], [V, d] or [V]: rows of the last dimension
                 ops.call_op(ops.scale_rows_op, ops.scale_rows_impl, grad.view(1, -1, grad.shape[-1]), factor)
             grads.append(grad if need else None)
-        return (*grads,) + (None,) * 11
+        return (*grads,) + (None,) * 12
 
 
 def linear_loss_one_pass(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, live: Tensor, rewards: Tensor,
     old: Optional[Tensor], ref: Optional[Tensor], advantages: Optional[Tensor], groups: Optional[GroupLayout],
-    options: LensOptions,
+    options: LensOptions, gemm: str = "library",
 ) -> dict:
     """The one-pass fused-linear loss (``hidden [N, d]``; arguments checked) as the dict of
-    :func:`lens_kernels.ops.named_results`; ``loss`` is differentiable in hidden, weight and bias."""
+    :func:`lens_kernels.ops.named_results`; ``loss`` is differentiable in hidden, weight and bias.
+    ``gemm``: ``"library"`` or ``"triton"`` (``backends.linear_one_pass``)."""
     args = (hidden, weight, bias, target_ids, live, rewards, old, ref, advantages, *ops.group_args(groups),
-            options.key)
+            options.key, gemm)
     wants = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if wants:
         results = LinearLensLoss.apply(*args)

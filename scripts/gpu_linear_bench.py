@@ -15,10 +15,10 @@ where importable).
 3. Sweep (``--quick``: the target shape only): N in {8192, 16384, 32768}, d in {2048, 4096},
    V in {128256, 151936}, grpo and lens, on-policy and off-policy (``--policies``).  fwd+bwd
    median of ``triton.testing.do_bench``; peak memory above the inputs and the returned dh/dW;
-   TFLOP/s over the GEMMs run (fused-linear one pass -- grpo, or off-policy -- three over every
-   row; its on-policy lens path the forward GEMM plus the three backward GEMMs over the row
-   blocks with a nonzero gradient).  Liger and CCE (grpo only) are timed at the target shape
-   only, to stay within minutes.
+   TFLOP/s over the GEMMs run, counting only the 128-row tiles a skipping GEMM computes
+   (``LinearImpl.gemm_rows``: every row for cuBLAS, the tiles with a completion token for the
+   Triton logits, those with a nonzero coefficient for the Triton dh/dW).  Liger and CCE (grpo
+   only) are timed at the target shape only, to stay within minutes.
 4. The no-grad log-prob pass (old / reference log-probs) at the target shape: Triton tiles,
    cuBLAS row blocks, and ``h @ W.T`` then ``lk.token_logprobs``; forward time ("fwd+bwd"
    column) and peak memory above the inputs and the returned log-probs.
@@ -145,22 +145,23 @@ def float64_gold(x: LinearInputs, mode: str):
     return out.loss.item(), dh, dw, out.advantages
 
 
-def live_fraction(x: LinearInputs, advantages: torch.Tensor, block: int) -> float:
-    """Share of ``block``-row blocks of the flattened batch holding a row with a nonzero gradient
-    (completion token of a row with a nonzero advantage; on-policy, nothing is clipped)."""
-    live = (x.completion_mask & (advantages != 0)[:, None]).reshape(-1)
-    pad = (-live.numel()) % block
-    live = torch.cat([live, live.new_zeros(pad)]).view(-1, block).any(1)
-    return float(live.float().mean())
+def row_fractions(x: LinearInputs, advantages: torch.Tensor, block: int = 128) -> dict[str, float]:
+    """Share of the ``block``-row tiles of the flattened batch that a skipping GEMM computes:
+    ``"live"``, tiles holding a completion token; ``"grad"``, tiles holding a completion token
+    of a row with a nonzero advantage (on-policy, nothing is clipped); ``"all"``: 1."""
+    def tiles(rows: torch.Tensor) -> float:
+        rows = rows.reshape(-1)
+        pad = (-rows.numel()) % block
+        return float(torch.cat([rows, rows.new_zeros(pad)]).view(-1, block).any(1).float().mean())
+
+    return dict(all=1.0, live=tiles(x.completion_mask),
+                grad=tiles(x.completion_mask & (advantages != 0)[:, None]))
 
 
-def gemm_tflop(impl: str, x: LinearInputs, mode: str, fractions) -> float:
+def gemm_tflop(impl: str, x: LinearInputs, mode: str, fractions: dict[str, float]) -> float:
+    """TFLOP of the GEMMs ``impl`` runs, counting only the row tiles it computes."""
     n, d, v = x.dims
-    gemms = LINEAR_IMPLS[impl].gemms(mode, x.policy)
-    if LINEAR_IMPLS[impl].skips_dead_rows(mode, x.policy):
-        # forward every row; dz and dh over live 128-row tiles, dW over 64-row blocks
-        return 2 * n * v * d * (1 + 2 * fractions[128] + fractions[64]) / 1e12
-    return 2 * gemms * n * v * d / 1e12
+    return 2 * n * v * d * sum(fractions[rows] for rows in LINEAR_IMPLS[impl].gemm_rows(mode, x.policy)) / 1e12
 
 
 def measure(impl_name: str, mode: str, x: LinearInputs, gold, fractions, check: bool) -> dict:
@@ -205,7 +206,7 @@ def measure(impl_name: str, mode: str, x: LinearInputs, gold, fractions, check: 
         del grads
         tflop = gemm_tflop(impl_name, x, mode, fractions)
         record.update(gemm_tflop=tflop, gemms=impl.gemms(mode, x.policy), tflops=tflop / (ms[0] * 1e-3),
-                      live_tile_fraction=fractions[128])
+                      live_tile_fraction=fractions["live"], grad_tile_fraction=fractions["grad"])
     except Exception as err:  # recorded; the sweep goes on
         oom = isinstance(err, torch.cuda.OutOfMemoryError)
         if not oom:
@@ -256,7 +257,7 @@ def run_shape(dims, policy: str, modes: list[str], device: torch.device, started
         gold = float64_gold(x, mode) if at_target else None
         adv = gold[3] if gold else lk.fused_linear_lens_loss(
             x.hidden.detach(), x.weight.detach(), **x.loss_kwargs(), mode=mode, check_values=False).advantages
-        fractions = {b: live_fraction(x, adv, b) for b in (64, 128)}
+        fractions = row_fractions(x, adv)
         for name in LINEAR_IMPLS:
             if name in ("liger-fused-linear-grpo", "cut-cross-entropy") and not at_target:
                 continue

@@ -14,11 +14,12 @@ from lens_kernels.testing import group_rewards
 from .conftest import DEVICE, interpreting, runnable_backends
 from .tolerances import check
 
-# "triton": gemm="auto" (one pass where it applies, Triton tiles otherwise); "triton-library":
-# cuBLAS row blocks for both paths; "triton-tiles": the recompute path with Triton tiles always.
+# "triton": gemm="auto" (one pass with cuBLAS where it applies, Triton tiles otherwise);
+# "triton-library": cuBLAS row blocks for both paths; "triton-gemm": gemm="triton" (one pass with
+# the Triton block GEMMs that skip rows where it applies, Triton tiles otherwise).
 BACKENDS = [b for b in runnable_backends() if b != "cuda"]
-BACKENDS += ["triton-library", "triton-tiles"] if "triton" in BACKENDS else []
-GEMMS = {"triton-library": "library", "triton-tiles": "triton"}
+BACKENDS += ["triton-library", "triton-gemm"] if "triton" in BACKENDS else []
+GEMMS = {"triton-library": "library", "triton-gemm": "triton"}
 FIELDS = ("logprobs", "advantages", "calibrated_rewards", "confidence", "difficulty",
           "negative_group_fraction", "clip_fraction", "kl")
 

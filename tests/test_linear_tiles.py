@@ -1,12 +1,15 @@
-"""The autotuned tile configurations of the Triton fused-linear kernels (``linear_tile``):
-invariants the kernels rely on, checked on the GPU candidates even where no GPU is present
-(the interpreter runs one tiny configuration; the GPU lists are only benchmarked there)."""
+"""The Triton fused-linear tiles: the autotuned configurations (``linear_tile``; invariants the
+kernels rely on, checked on the GPU candidates even where no GPU is present: the interpreter
+runs one tiny configuration), and the one-pass block GEMMs (``linear_block_gemm``) doing no
+work for rows that need none."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from lens_kernels.backends.triton import linear_tile
+
+from .conftest import DEVICE, runnable_backends
 
 FAMILIES = ("logits", "dh", "dw")
 # Shared memory of one Hopper multiprocessor available to a block (227 KB).
@@ -60,3 +63,72 @@ def test_the_interpreter_runs_one_configuration_per_family():
     """One configuration, shared by both element sizes: the autotuner never benchmarks on the CPU."""
     for family, by_size in linear_tile.interpreter_configs().items():
         assert len(by_size[2]) == 1 and by_size[2] is by_size[4], family
+
+
+def close(value, gold):
+    """fp32 GEMM results against float64 ones: fp32 rounding of sums of a few dozen terms (NaN
+    where a row's hidden state is)."""
+    torch.testing.assert_close(value.double(), gold, rtol=1e-5, atol=1e-5 * float(gold.nan_to_num().abs().max()),
+                               equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter, NaN rows
+@pytest.mark.skipif("triton" not in runnable_backends(), reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
+def test_block_gemms_skip_rows_that_need_no_work():
+    """Logits are made only for row tiles holding a live row (a sentinel survives elsewhere);
+    dh is exactly 0 and dW untouched by rows of zero coefficient, whose hidden states are NaN;
+    the rest matches float64 GEMMs, dW accumulated over three spans."""
+    from lens_kernels.backends.triton.linear_block_gemm import TritonBlockGemms
+
+    gen = torch.Generator().manual_seed(0)
+    rows, dim, vocab, span = 3 * 16, 24, 70, 16  # spans of one interpreter row tile
+    hidden = torch.randn(rows, dim, generator=gen)
+    weight = torch.randn(vocab, dim, generator=gen)
+    bias = torch.randn(vocab, generator=gen)
+    live = torch.ones(rows, dtype=torch.bool)
+    live[16:32] = False  # the second span: no live row
+    live[40:] = False
+    coefficient = live.float()
+    coefficient[3:9] = 0  # live, zero advantage
+    hidden = torch.where((coefficient != 0)[:, None], hidden, float("nan"))
+    hidden, weight, bias, live, coefficient = (t.to(DEVICE) for t in (hidden, weight, bias, live, coefficient))
+    gemms = TritonBlockGemms(hidden, weight, bias, live, coefficient, span)
+    dz_all = torch.randn(rows, vocab, generator=gen).to(DEVICE) * coefficient[:, None]
+    dh = torch.full((rows, dim), 7.0, device=DEVICE)
+    dw = torch.full((vocab, dim), 7.0, device=DEVICE)
+    db = torch.zeros(vocab, device=DEVICE)
+    for start in range(0, rows, span):
+        r = slice(start, start + span)
+        z = torch.full((span, vocab), -3.0, device=DEVICE)
+        gemms.logits(z, r)
+        if live[r].any():
+            gold = hidden[r].double() @ weight.double().T + bias.double()
+            close(z[live[r]], gold[live[r]])
+        else:
+            assert torch.equal(z, torch.full_like(z, -3.0)), "a span with no live row made logits"
+        gemms.grads(dz_all[r].clone(), r, dh, dw, db)
+    on = coefficient != 0
+    assert torch.equal(dh[~on], torch.zeros_like(dh[~on]))
+    close(dh[on], dz_all[on].double() @ weight.double())
+    close(dw, dz_all[on].double().T @ hidden[on].double())
+    close(db, dz_all.double().sum(0))
+
+
+@pytest.mark.skipif("triton" not in runnable_backends(), reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
+def test_stores_round_to_nearest_even_like_torch():
+    """``linear_tile.rounded``: the kernels' bf16 stores give PyTorch's own rounding (the CPU
+    interpreter would truncate)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store(x_ptr, y_ptr, N: tl.constexpr, EMULATE: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(y_ptr + i, linear_tile.rounded(tl.load(x_ptr + i), y_ptr.dtype.element_ty, EMULATE))
+
+    x = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 10
+    x[:4] = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, float("inf"), -0.0])  # ties to even, inf, -0
+    x = x.to(DEVICE)
+    y = torch.empty(256, dtype=torch.bfloat16, device=DEVICE)
+    store[(1,)](x, y, N=256, EMULATE=linear_tile.tiles_for(torch.bfloat16, x.device).upcast)
+    assert torch.equal(y, x.to(torch.bfloat16))

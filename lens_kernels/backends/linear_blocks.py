@@ -16,7 +16,7 @@ rows of one position), so they need no notion of an offset.
   then ``dh[block] = dZ @ W``, ``dW (+)= dZ.T @ h[block]`` and ``dbias += dZ.sum(0)`` (fp32).
 
 ``blocks``, ``logits_into`` and ``add_weight_grads`` are shared with the one-pass loss
-(``linear_one_pass``).
+(``linear_one_pass``), which runs its GEMMs through ``LibraryBlockGemms``.
 """
 from __future__ import annotations
 
@@ -70,6 +70,25 @@ def add_weight_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, ro
             dw.addmm_(dz.T, h)
     if db is not None:
         db += dz.sum(0, dtype=torch.float32)
+
+
+class LibraryBlockGemms:
+    """The GEMMs of ``linear_one_pass`` by ``torch.mm`` (cuBLAS) over every row of a block;
+    rows not ``live [N]`` have their hidden states replaced by zeros first (they may hold NaN,
+    and ``0 * NaN`` would reach ``dW``).  ``backends.triton.linear_block_gemm`` has the same
+    two methods with Triton kernels that skip rows."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], live: torch.Tensor):
+        self.hidden, self.weight, self.bias, self.live = hidden, weight, bias, live
+        self._h: Optional[torch.Tensor] = None
+
+    def logits(self, z: torch.Tensor, rows: slice) -> None:
+        self._h = torch.where(self.live[rows, None], self.hidden[rows], 0)
+        logits_into(z, self._h, self.weight, self.bias)
+
+    def grads(self, dz: torch.Tensor, rows: slice, dh: Optional[torch.Tensor], dw: Optional[torch.Tensor],
+              db: Optional[torch.Tensor]) -> None:
+        add_weight_grads(dz, self._h, self.weight, rows, dh, dw, db)
 
 
 def linear_logprobs_forward(

@@ -6,9 +6,8 @@ When every token's coefficient is known before the vocabulary pass (old log-prob
 row needs only that row's logits, so the rows are processed ``n`` at a time (``n`` chosen so
 that one ``[n, V]`` block of logits fits in ``SCRATCH_BYTES``):
 
-1. ``Z = h[rows] @ W.T + b`` into the block (a library GEMM: cuBLAS on CUDA, fp32
-   accumulation, rounded to the inputs' dtype as PyTorch's own logits are; the blocks and
-   GEMM helpers are ``linear_blocks``'s);
+1. ``Z = h[rows] @ W.T + b`` into the block (fp32 accumulation, rounded to the inputs' dtype
+   as PyTorch's own logits are);
 2. the backend's one-pass loss kernel (``fused_loss``, as for logits) on the block, seen as
    ``[n, 1, V]`` (``n`` rows of one position; the per-row advantages and weights gathered to
    per-token ``[N]`` once per call): online logsumexp, log-prob, surrogate, loss terms, and
@@ -18,8 +17,15 @@ that one ``[n, V]`` block of logits fits in ``SCRATCH_BYTES``):
 Three GEMMs (``6 N V d`` FLOPs) instead of the four of the recompute path (forward GEMM, then
 logits recomputed in the backward), and the backward only scales the three gradients by
 ``grad_output``.  GEMMs whose gradient nobody needs (a frozen ``lm_head``: no ``dW``) are not
-run.  Masked-out rows of ``hidden`` are replaced by zeros before the GEMMs (they may hold
-NaN; their ``dZ`` row is 0 and ``0 * NaN`` would reach ``dW``).
+run.  Two sets of GEMMs (``gemm``):
+
+* ``"library"`` (``linear_blocks.LibraryBlockGemms``): ``torch.mm``, i.e. cuBLAS, over every
+  row; masked-out rows of ``hidden`` are replaced by zeros first (they may hold NaN; their
+  ``dZ`` row is 0 and ``0 * NaN`` would reach ``dW``);
+* ``"triton"`` (``triton.linear_block_gemm.TritonBlockGemms``): Triton GEMMs that skip, on
+  the device, the row tiles with no completion token (logits) and with no nonzero
+  coefficient (``dh``, ``dW``): padding and zero-advantage groups cost no FLOPs, at the
+  Triton tiles' speed instead of the library's.
 
 ``dW`` is accumulated across row blocks in the weight's dtype (each block's GEMM sums in
 fp32 and rounds once): an fp32 ``[V, d]`` accumulator would cost ``4 V d`` bytes (1.2 GB at
@@ -37,7 +43,7 @@ from . import get
 from .common import calibrate, finalize
 from .common.calibrate import WEIGHT_ROW
 from .kernel_loss import KernelLoss
-from .linear_blocks import add_weight_grads, blocks, logits_into
+from .linear_blocks import LibraryBlockGemms, blocks
 
 
 class LinearGrads(NamedTuple):
@@ -53,6 +59,21 @@ def _per_token(tensor: Optional[torch.Tensor], rows: int) -> Optional[torch.Tens
     return None if tensor is None else tensor.reshape(rows, 1)
 
 
+def _block_gemms(gemm: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 live: torch.Tensor, coefficient: torch.Tensor, ref: Optional[torch.Tensor], options: LensOptions,
+                 span: int):
+    """The GEMMs of the blocks of ``span`` rows; ``live [N]`` bool, ``coefficient [N]`` each
+    token's advantage times its aggregation weight (with a KL term, every live row may have a
+    gradient)."""
+    if gemm == "library":
+        return LibraryBlockGemms(hidden, weight, bias, live)
+    from .triton.linear_block_gemm import TritonBlockGemms
+
+    kl = ref is not None and options.beta > 0
+    may_have_grad = live if kl else live & (coefficient != 0)
+    return TritonBlockGemms(hidden, weight, bias, live, may_have_grad.to(torch.float32), span)
+
+
 def linear_one_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -66,13 +87,16 @@ def linear_one_pass(
     groups: Optional[GroupLayout],
     options: LensOptions,
     needs: tuple[bool, bool, bool],
+    gemm: str = "library",
 ) -> tuple[KernelLoss, LinearGrads]:
     """The loss of the logits ``hidden [N, d] @ weight.T + bias``, ``N = B * T`` rows in the
     order of ``target_ids [B, T]``, with the gradients ``needs = (dh, dW, dbias)`` made on the way.
 
     ``live [B, T]`` bool; ``old``/``ref [B, T]``; ``advantages [B]`` or None; ``weight [V, d]``
     and ``bias [V]`` of hidden's dtype (fp32, bf16, fp16); ``options.backend`` triton or cuda.
-    Nothing syncs with the host.
+    ``gemm``: ``"library"`` (``linear_blocks.LibraryBlockGemms``: cuBLAS over every row) or
+    ``"triton"`` (``triton.linear_block_gemm.TritonBlockGemms``: rows that need no work
+    skipped; backend triton).  Nothing syncs with the host.
     """
     rows, dim = hidden.shape
     batch, length = live.shape
@@ -93,10 +117,11 @@ def linear_one_pass(
     db = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
     fused_loss = get(options.backend).fused_loss
     buffer, spans = blocks(hidden, vocab)
+    gemms = _block_gemms(gemm, hidden, weight, bias, live.reshape(rows), token_adv * token_weight, ref, options,
+                         buffer.shape[0])
     for r in spans:
         z = buffer[: r.stop - r.start]
-        h = torch.where(token_live[r], hidden[r], 0)
-        logits_into(z, h, weight, bias)
+        gemms.logits(z, r)
         block_logp, block_parts = fused_loss(
             z[:, None], token_ids[r], token_live[r], None if old is None else token_old[r],
             None if ref is None else token_ref[r], token_adv[r], token_weight[r], z[:, None] if write_grad else None,
@@ -104,7 +129,7 @@ def linear_one_pass(
         )
         logp[r] = block_logp[:, 0]
         parts[:, r] = block_parts
-        add_weight_grads(z, h, weight, r, dh, dw, db)
+        gemms.grads(z, r, dh, dw, db)
     logp = logp.view(batch, length)
     if old is None and advantages is None:  # grpo on-policy: confidences from this pass
         calibrate(logp, live, rewards, groups, options, into=cal)

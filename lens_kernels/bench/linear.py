@@ -84,17 +84,20 @@ class LinearImpl:
     modes: tuple[str, ...] = ("lens", "grpo")
     gemm_count: int = 3  # N x V x d GEMMs per fwd+bwd (2 N V d FLOPs each), every row
 
+    def gemm_rows(self, mode: str, policy: str) -> tuple[str, ...]:
+        """The rows each GEMM of one fwd+bwd runs over: ``"all"``, ``"live"`` (row tiles with a
+        completion token) or ``"grad"`` (row tiles with a nonzero coefficient)."""
+        one_pass = fused_linear_one_pass(mode, policy)
+        if self.name in ("fused-linear-library", "fused-linear-cuda") or (
+                self.name == "fused-linear-triton" and one_pass):
+            return ("all",) * (3 if one_pass else 4)
+        if self.name in ("fused-linear-triton", "fused-linear-triton-gemm"):
+            return ("live",) + ("grad",) * (2 if one_pass else 3)
+        return ("all",) * self.gemm_count
+
     def gemms(self, mode: str, policy: str) -> int:
         """The GEMMs of one fwd+bwd on this problem, before any row skipping."""
-        if self.name in ("fused-linear-triton", "fused-linear-library", "fused-linear-cuda"):
-            return 3 if fused_linear_one_pass(mode, policy) else 4
-        return self.gemm_count
-
-    def skips_dead_rows(self, mode: str, policy: str) -> bool:
-        """Whether the backward GEMMs skip row tiles with a zero gradient (the Triton tiles)."""
-        if self.name == "fused-linear-triton":
-            return not fused_linear_one_pass(mode, policy)
-        return self.name == "fused-linear-tiles"
+        return len(self.gemm_rows(mode, policy))
 
 
 def fused_linear_one_pass(mode: str, policy: str) -> bool:
@@ -183,17 +186,19 @@ LINEAR_IMPLS = {
                    "lk.fused_linear_lens_loss(backend='triton'): one pass when the coefficients are known "
                    "(grpo, or off-policy): row blocks of logits by cuBLAS, the loss kernel writes dZ in place, "
                    "dh/dW GEMMs in the forward (3 GEMMs, every row); on-policy lens: Triton logit tiles, never "
-                   "stored, recomputed in the backward (4 GEMMs, zero-gradient row blocks skipped in 3)",
+                   "stored, recomputed in the backward (4 GEMMs; row tiles without a completion token skipped in "
+                   "the first, zero-gradient row blocks in the other 3)",
                    _fused_linear("auto"), _triton_unavailable),
         LinearImpl("fused-linear-library",
                    "lk.fused_linear_lens_loss(backend='triton', gemm='library'): the one-pass path where it "
                    "applies; on-policy lens: cuBLAS row blocks for the forward and again in the backward "
                    "(4 GEMMs, every row), Triton row kernels between them",
                    _fused_linear("library"), _triton_unavailable),
-        LinearImpl("fused-linear-tiles",
-                   "lk.fused_linear_lens_loss(backend='triton', gemm='triton'): Triton logit tiles always, "
-                   "recomputed in the backward (4 GEMMs, zero-gradient row blocks skipped in 3)",
-                   _fused_linear("triton"), _triton_unavailable, gemm_count=4),
+        LinearImpl("fused-linear-triton-gemm",
+                   "lk.fused_linear_lens_loss(backend='triton', gemm='triton'): one pass where it applies with "
+                   "Triton block GEMMs that skip row tiles without a completion token (logits) or without a "
+                   "nonzero coefficient (dh, dW); on-policy lens: the Triton logit tiles, as fused-linear-triton",
+                   _fused_linear("triton"), _triton_unavailable),
         LinearImpl("fused-linear-cuda",
                    "lk.fused_linear_lens_loss(backend='cuda'): as fused-linear-library, with the csrc/ row "
                    "kernels between the cuBLAS GEMMs",

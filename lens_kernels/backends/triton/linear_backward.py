@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .linear_grad_gemm import accumulate_dh, live_row_blocks, write_dw
-from .linear_tile import autotuned, grouped, logits_tile, tiles_for
+from .linear_tile import autotuned, grouped, logits_tile, rounded, tiles_for
 
 # Bound on the dZ scratch of one vocabulary chunk.
 SCRATCH_BYTES = 512 * 2**20
@@ -69,7 +69,7 @@ def _dz_kernel(
         # Rows with g == 0 stay exactly 0, even where their logits are not finite.
         dz = tl.where((g != 0)[:, None], grad, 0.0)
     out = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
-    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out, rounded(dz, dz_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def chunk_width(rows: int, vocab: int, element_size: int, align: int) -> int:
@@ -102,7 +102,8 @@ def linear_logprobs_backward(
     dbias = None if bias is None else torch.empty(vocab, device=device, dtype=bias.dtype)
     width = chunk_width(rows, vocab, hidden.element_size(), tiles.chunk_align)
     dz = torch.empty((rows, width), device=device, dtype=hidden.dtype)
-    live = live_row_blocks(grad_logp, tiles.dw_rows)
+    order, count = live_row_blocks(grad_logp, tiles.dw_rows)
+    live = order[0], count
     for col0 in range(0, vocab, width):
         cols = min(width, vocab - col0)
         if rows:

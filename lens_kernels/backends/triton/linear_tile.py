@@ -35,6 +35,19 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def rounded(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest even.  Triton's CPU interpreter truncates in
+    ``.to(bfloat16)``, so there (``EMULATE``) bf16 is rounded on the bits first, which makes the
+    conversion exact; fp16 stays truncated under the interpreter."""
+    if EMULATE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def logits_tile(
     h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
     stride_hn, stride_hd, stride_wv, stride_wd, inv_t,
