@@ -3,7 +3,8 @@
 #   run(carry=[".whl"], command="bash scripts/gpu_linear_session.sh")
 #       build csrc/, the GPU linear tests, then the lm_head + loss benchmark at the target shape
 #       (on- and off-policy, with Liger and Cut Cross-Entropy from the wheels in .whl/, and the
-#       no-grad log-prob pass); about 8 minutes.
+#       no-grad log-prob pass; the Triton tiles autotuned on their first call, picks printed);
+#       about 8 minutes.
 #   run(carry=[".whl"], command="SWEEP=1 bash scripts/gpu_linear_session.sh")
 #       the sweep over N, d and V alone (a second call: it does not fit beside the first).
 set -uo pipefail
@@ -17,6 +18,9 @@ if [ "${SWEEP:-0}" = 1 ]; then
 fi
 bash scripts/build_csrc.sh -DCMAKE_CUDA_ARCHITECTURES=90 > $OUT/build.log 2>&1 || tail -20 $OUT/build.log
 mkdir -p lens_kernels/backends/cuda/_lib && cp build/csrc/liblens_kernels_cuda.so lens_kernels/backends/cuda/_lib/
-timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_linear_logprobs.py \
-  tests/test_linear_loss.py tests/test_linear_one_pass.py 2>&1 | tee $OUT/linear-tests.log | tail -6
-timeout ${BENCH_TIMEOUT:-360} python3 scripts/gpu_linear_bench.py --quick --out $OUT/linear 2>&1 | tail -40
+# The tests cover many small (V, d) shapes: one tile configuration each, no autotuning runs.
+LENS_KERNELS_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider \
+  tests/test_linear_logprobs.py tests/test_linear_loss.py tests/test_linear_one_pass.py tests/test_linear_tiles.py \
+  2>&1 | tee $OUT/linear-tests.log | tail -6
+TRITON_PRINT_AUTOTUNING=1 timeout ${BENCH_TIMEOUT:-360} python3 scripts/gpu_linear_bench.py --quick --out $OUT/linear \
+  > $OUT/linear-bench.log 2>&1; grep -B3 "best config" $OUT/linear-bench.log | head -80; tail -40 $OUT/linear-bench.log

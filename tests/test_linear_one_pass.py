@@ -276,3 +276,28 @@ def test_retained_graph_gives_the_same_gradient_on_every_backward(fn):
     third = torch.autograd.grad(2.0 * loss, h)[0]
     torch.testing.assert_close(second, first)
     torch.testing.assert_close(third, 4 * first)
+
+
+def test_triton_gemms_see_rows_with_work_first(monkeypatch):
+    """gemm="triton": the block GEMMs get the rows sorted "may have a gradient, other live, the
+    rest" (so that their row tiles are all work or all skipped), each class in the callers'
+    order; the outputs come back in the callers' order (the reference comparisons above)."""
+    from lens_kernels.backends.triton import linear_block_gemm
+
+    seen = {}
+    original = linear_block_gemm.TritonBlockGemms.__init__
+
+    def spy(self, hidden, weight, bias, live, coefficient, span):
+        seen.update(hidden=hidden, live=live, coefficient=coefficient)
+        original(self, hidden, weight, bias, live, coefficient, span)
+
+    monkeypatch.setattr(linear_block_gemm.TritonBlockGemms, "__init__", spy)
+    (hidden, weight, bias, kwargs), options = _problem("grpo-on-policy")
+    out, _ = run(fused("triton-gemm", options), hidden, weight, bias, kwargs)
+    live = kwargs["completion_mask"].reshape(-1)
+    work = live & (out.advantages != 0)[:, None].expand_as(kwargs["completion_mask"]).reshape(-1)
+    key = 2 - live.int() - work.int()
+    order = torch.cat([torch.nonzero(key == k).squeeze(1) for k in range(3)])
+    assert 0 < int(work.sum()) < int(live.sum()) < live.numel(), "the case must hold all three classes"
+    assert torch.equal(seen["live"], live[order]) and torch.equal(seen["coefficient"] != 0, work[order])
+    assert torch.equal(seen["hidden"], hidden.reshape(-1, hidden.shape[-1])[order])

@@ -132,3 +132,11 @@ def test_stores_round_to_nearest_even_like_torch():
     y = torch.empty(256, dtype=torch.bfloat16, device=DEVICE)
     store[(1,)](x, y, N=256, EMULATE=linear_tile.tiles_for(torch.bfloat16, x.device).upcast)
     assert torch.equal(y, x.to(torch.bfloat16))
+
+
+def test_autotuning_can_be_switched_off():
+    """LENS_KERNELS_AUTOTUNE=0 leaves one candidate per family and element size (the measured one)."""
+    configs = linear_tile._measured_only(linear_tile.gpu_configs())
+    for family, by_size in configs.items():
+        for size, found in by_size.items():
+            assert [c.kwargs for c in found] == [linear_tile.gpu_configs()[family][size][0].kwargs], (family, size)

@@ -25,7 +25,10 @@ run.  Two sets of GEMMs (``gemm``):
 * ``"triton"`` (``triton.linear_block_gemm.TritonBlockGemms``): Triton GEMMs that skip, on
   the device, the row tiles with no completion token (logits) and with no nonzero
   coefficient (``dh``, ``dW``): padding and zero-advantage groups cost no FLOPs, at the
-  Triton tiles' speed instead of the library's.
+  Triton tiles' speed instead of the library's.  The rows are first put in the order
+  "may have a gradient, other completion tokens, the rest" by a stable device sort (the
+  hidden states and per-token inputs gathered once, ``O(N d)``), so that row tiles are all
+  work or all skipped; log-probs, loss terms and ``dh`` go back to the callers' order.
 
 ``dW`` is accumulated across row blocks in the weight's dtype (each block's GEMM sums in
 fp32 and rounds once): an fp32 ``[V, d]`` accumulator would cost ``4 V d`` bytes (1.2 GB at
@@ -60,18 +63,22 @@ def _per_token(tensor: Optional[torch.Tensor], rows: int) -> Optional[torch.Tens
 
 
 def _block_gemms(gemm: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 live: torch.Tensor, coefficient: torch.Tensor, ref: Optional[torch.Tensor], options: LensOptions,
-                 span: int):
-    """The GEMMs of the blocks of ``span`` rows; ``live [N]`` bool, ``coefficient [N]`` each
-    token's advantage times its aggregation weight (with a KL term, every live row may have a
-    gradient)."""
+                 live: torch.Tensor, may_have_grad: Optional[torch.Tensor], span: int):
+    """The GEMMs of the blocks of ``span`` rows of ``hidden [N, d]``; ``live``, ``may_have_grad``
+    ``[N]`` bool (the latter for the Triton GEMMs only)."""
     if gemm == "library":
         return LibraryBlockGemms(hidden, weight, bias, live)
     from .triton.linear_block_gemm import TritonBlockGemms
 
-    kl = ref is not None and options.beta > 0
-    may_have_grad = live if kl else live & (coefficient != 0)
     return TritonBlockGemms(hidden, weight, bias, live, may_have_grad.to(torch.float32), span)
+
+
+def _work_first(live: torch.Tensor, may_have_grad: torch.Tensor) -> torch.Tensor:
+    """A permutation of the rows (int64 ``[N]``, stable): rows that may have a gradient first,
+    then the other live rows, then the rest, so that the Triton GEMMs' row tiles are all work
+    or all skipped (a device sort: no host sync)."""
+    key = 2 - live.to(torch.int8) - may_have_grad.to(torch.int8)
+    return torch.argsort(key, stable=True)
 
 
 def linear_one_pass(
@@ -96,7 +103,8 @@ def linear_one_pass(
     and ``bias [V]`` of hidden's dtype (fp32, bf16, fp16); ``options.backend`` triton or cuda.
     ``gemm``: ``"library"`` (``linear_blocks.LibraryBlockGemms``: cuBLAS over every row) or
     ``"triton"`` (``triton.linear_block_gemm.TritonBlockGemms``: rows that need no work
-    skipped; backend triton).  Nothing syncs with the host.
+    skipped, after a device sort that puts them last; backend triton).  Nothing syncs with
+    the host.
     """
     rows, dim = hidden.shape
     batch, length = live.shape
@@ -109,6 +117,14 @@ def linear_one_pass(
     token_adv, token_weight = cal.advantages[row_of], cal.scratch[WEIGHT_ROW][row_of]
     token_ids, token_live = _per_token(target_ids, rows), _per_token(live, rows)
     token_old, token_ref = _per_token(old, rows), _per_token(ref, rows)
+    flat_live, may_have_grad, order = live.reshape(rows), None, None
+    if gemm == "triton":  # the Triton GEMMs skip whole row tiles: rows taken in the order of _work_first
+        with_kl = ref is not None and options.beta > 0  # a KL term: every live row may have a gradient
+        may_have_grad = flat_live if with_kl else flat_live & (token_adv * token_weight != 0)
+        order = _work_first(flat_live, may_have_grad)
+        hidden, flat_live, may_have_grad, token_adv, token_weight, token_ids, token_live, token_old, token_ref = (
+            None if t is None else t[order] for t in (hidden, flat_live, may_have_grad, token_adv, token_weight,
+                                                      token_ids, token_live, token_old, token_ref))
     logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
     parts = torch.empty((3, rows), device=hidden.device, dtype=torch.float64)
     dh = torch.empty((rows, dim), device=hidden.device, dtype=hidden.dtype) if need_h else None
@@ -117,8 +133,7 @@ def linear_one_pass(
     db = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
     fused_loss = get(options.backend).fused_loss
     buffer, spans = blocks(hidden, vocab)
-    gemms = _block_gemms(gemm, hidden, weight, bias, live.reshape(rows), token_adv * token_weight, ref, options,
-                         buffer.shape[0])
+    gemms = _block_gemms(gemm, hidden, weight, bias, flat_live, may_have_grad, buffer.shape[0])
     for r in spans:
         z = buffer[: r.stop - r.start]
         gemms.logits(z, r)
@@ -130,6 +145,9 @@ def linear_one_pass(
         logp[r] = block_logp[:, 0]
         parts[:, r] = block_parts
         gemms.grads(z, r, dh, dw, db)
+    if order is not None:  # back to the callers' row order
+        logp, parts = logp.scatter(0, order, logp), parts.scatter(1, order.expand(3, rows), parts)
+        dh = None if dh is None else dh.index_copy(0, order, dh)
     logp = logp.view(batch, length)
     if old is None and advantages is None:  # grpo on-policy: confidences from this pass
         calibrate(logp, live, rewards, groups, options, into=cal)

@@ -135,7 +135,16 @@ def _config(warps: int, stages: int, **blocks: int) -> triton.Config:
     return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 
+def _measured_only(configs: dict[str, dict[int, list[triton.Config]]]) -> dict[str, dict[int, list[triton.Config]]]:
+    """Each list cut to its first entry: no autotuning (``LENS_KERNELS_AUTOTUNE=0``)."""
+    return {family: {size: found[:1] for size, found in by_size.items()} for family, by_size in configs.items()}
+
+
+# LENS_KERNELS_AUTOTUNE=0 (read at import) keeps the first candidate of each list: no timing runs
+# on a kernel's first call for each (V, d, dtype), e.g. for test suites over many small shapes.
 CONFIGS = interpreter_configs() if interpreting() else gpu_configs()
+if os.environ.get("LENS_KERNELS_AUTOTUNE", "1") == "0":
+    CONFIGS = _measured_only(CONFIGS)
 
 
 def _for_dtype(family: str, operand: str):
