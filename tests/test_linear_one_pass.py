@@ -217,17 +217,22 @@ def test_cuda_row_kernels_between_library_gemms(case, monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (host-sync detection)")
-def test_one_pass_never_syncs_with_checks_off():
+@pytest.mark.parametrize("gemm", ["auto", "triton"])
+def test_one_pass_never_syncs_with_checks_off(gemm):
     """Forward and backward of the one-pass path (lens and grpo, old log-probs given) without a
-    device-to-host sync: CUDA graph material."""
+    device-to-host sync: CUDA graph material.  A first call outside the check compiles (and
+    autotunes) the kernels."""
     (hidden, weight, bias, kwargs), options = _problem("lens-off-policy-kl")
     leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+    for mode in ("lens", "grpo"):
+        linear_api.fused_linear_lens_loss(*leaves[:2], bias=leaves[2], **kwargs, **{**options, "mode": mode},
+                                          backend="triton", check_values=False, gemm=gemm).loss.backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for mode in ("lens", "grpo"):
             out = linear_api.fused_linear_lens_loss(*leaves[:2], bias=leaves[2], **kwargs, **{**options, "mode": mode},
-                                                    backend="triton", check_values=False)
+                                                    backend="triton", check_values=False, gemm=gemm)
             out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
