@@ -13,7 +13,7 @@ from .backends.kernel_loss import one_pass_applies
 from .config import LensOptions
 from .linear_validation import check_linear, check_linear_backend, check_linear_gemm, logits_stand_in
 from .output import LensOutput
-from .validation import LossInputs, ValueChecks, check_targets, check_temperature, validate_loss
+from .validation import LossInputs, ValueChecks, check_mask, check_targets, check_temperature, validate_loss
 
 _FINITE_HINT = "; pass check_values=False to get a non-finite loss instead"
 
@@ -27,6 +27,7 @@ def fused_linear_token_logprobs(
     backend: str = "auto",
     check_values: bool = True,
     gemm: str = "auto",
+    completion_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``log softmax((hidden @ weight.T + bias) / temperature)[target]`` without the logits.
 
@@ -36,6 +37,9 @@ def fused_linear_token_logprobs(
     in ``[0, V)`` -> ``[B, T]`` fp32 (float64 for float64 inputs).  Differentiable in
     ``hidden``, ``weight`` and ``bias``; under ``torch.no_grad()`` it is the sampler-side
     "old log-probs" pass.  ``check_values=False`` skips the id-range check (no host sync).
+    ``completion_mask [B, T]`` (bool or 0/1, optional): the log-prob is 0 where it is not set
+    (ids there may be anything, e.g. -100), and the Triton tiles skip the row tiles holding no
+    masked position (the torch backend every such row: padding and prompts cost no FLOPs).
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"``, ``"cuda"`` (the
     csrc/ row kernels; ``gemm`` is then always ``"library"``) or ``"torch"``.
@@ -49,13 +53,17 @@ def fused_linear_token_logprobs(
     """
     batch, length, dim, vocab = check_linear(hidden, weight, bias, target_ids)
     checks = ValueChecks(check_values)
-    check_targets(target_ids, logits_stand_in(hidden, vocab), None, checks)
+    stand_in = logits_stand_in(hidden, vocab)
+    if completion_mask is not None:
+        completion_mask = live_mask(check_mask(completion_mask, (batch, length), hidden.device, checks, "hidden's"))
+    check_targets(target_ids, stand_in, completion_mask, checks)
     temperature = check_temperature(temperature)
     backend = check_linear_backend(backend, hidden)
     gemm = check_linear_gemm(gemm, backend)
     checks.settle()
     logp = linear_ops.linear_token_logprobs(
-        hidden.reshape(batch * length, dim), weight, bias, target_ids.reshape(-1), temperature, _path(backend, gemm)
+        hidden.reshape(batch * length, dim), weight, bias, target_ids.reshape(-1), temperature, _path(backend, gemm),
+        None if completion_mask is None else completion_mask.reshape(-1),
     )
     return logp.view(batch, length)
 

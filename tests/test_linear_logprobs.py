@@ -163,6 +163,30 @@ def test_rows_that_are_not_live_get_zero_and_no_gradient(backend):
     check("dbias", db, gold_db, None, torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter, on the NaN rows' forward
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_completion_mask_gives_zero_outside_it(backend):
+    """``fused_linear_token_logprobs(..., completion_mask=)``: 0 and no gradient outside the
+    mask whatever the ids (-100) and hidden states (NaN) there; the masked positions as without
+    a mask."""
+    hidden, weight, bias, targets = make_linear(batch=3, length=17)
+    mask = torch.rand(targets.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE) < 0.6
+    mask[1] = False
+    clean, (gold_dh, gold_dw, gold_db) = logprobs_and_grads(
+        lambda h, w, b, t: fused_linear_token_logprobs(h, w, t, bias=b, **options(backend)),
+        (hidden, weight, bias, targets), mask.float())
+    poisoned = torch.where(mask[..., None], hidden, float("nan"))
+    logp, (dh, dw, db) = logprobs_and_grads(
+        lambda h, w, b, t: fused_linear_token_logprobs(h, w, t, bias=b, completion_mask=mask.int(), **options(backend)),
+        (poisoned, weight, bias, torch.where(mask, targets, -100)), torch.ones_like(mask, dtype=torch.float32))
+    assert torch.equal(logp[~mask], torch.zeros_like(logp[~mask]))
+    assert torch.equal(dh[~mask], torch.zeros_like(dh[~mask]))
+    check("logp", logp[mask], clean[mask], None, torch.float32)
+    check("dh", dh[mask], gold_dh[mask], None, torch.float32)
+    check("dW", dw, gold_dw, None, torch.float32)
+    check("dbias", db, gold_db, None, torch.float32)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not run here")
 def test_forward_skips_row_tiles_with_no_live_row():
     """The tiles' forward GEMM never runs for a row tile with no live row: its partials keep
@@ -255,14 +279,21 @@ def test_tied_weight_gets_both_gradients(backend):
         (dict(gemm="cublas"), ValueError, "gemm: expected one of ['auto', 'library', 'triton']"),
         (dict(gemm="triton"), ValueError, "gemm: 'triton' (Triton logit tiles) needs backend='triton'"),
         (dict(target_ids=torch.zeros(3, 2, dtype=torch.int64)), ValueError, "target_ids: expected shape [2, 3]"),
+        (dict(completion_mask=torch.ones(3, 2, dtype=torch.bool)), ValueError, "completion_mask: expected shape [2, 3]"),
+        (dict(completion_mask=torch.full((2, 3), 2)), ValueError, "completion_mask: expected bool or values in {0, 1}"),
+        (dict(completion_mask=torch.tensor([[True, True, False]] * 2), target_ids=torch.tensor([[0, 1, 9]] * 2)),
+         None, None),
     ],
     ids=["hidden-2d", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend",
          "backend-cuda-on-cpu",
-         "gemm", "gemm-torch", "ids-shape"],
+         "gemm", "gemm-torch", "ids-shape", "mask-shape", "mask-values", "ids-anything-outside-the-mask"],
 )
 def test_bad_arguments_are_named(change, error, message):
     args = dict(hidden=torch.zeros(2, 3, 4), weight=torch.zeros(5, 4), target_ids=torch.zeros(2, 3, dtype=torch.int64),
                 temperature=1.0, bias=None, backend="torch")
     args.update(change)
+    if error is None:  # accepted
+        assert fused_linear_token_logprobs(**args).shape == (2, 3)
+        return
     with pytest.raises(error, match=re.escape(message)):
         fused_linear_token_logprobs(**args)

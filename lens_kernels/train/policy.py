@@ -140,7 +140,8 @@ class Policy:
             if self.fused_head_reason is None:
                 hidden, weight, bias = self.completion_hidden(rollout, rows)
                 parts.append(lk.fused_linear_token_logprobs(hidden, weight, rollout.completion_ids[rows], temperature,
-                                                            bias=bias, backend=linear_backend(backend)))
+                                                            bias=bias, backend=linear_backend(backend),
+                                                            completion_mask=rollout.completion_mask[rows]))
                 continue
             logits = self.completion_logits(rollout, rows)
             parts.append(lk.token_logprobs(logits, rollout.completion_ids[rows], temperature,
