@@ -19,9 +19,10 @@ where importable).
    (``LinearImpl.gemm_rows``: every row for cuBLAS, the tiles with a completion token for the
    Triton logits, those with a nonzero coefficient for the Triton dh/dW).  Liger and CCE (grpo
    only) are timed at the target shape only, to stay within minutes.
-4. The no-grad log-prob pass (old / reference log-probs) at the target shape: Triton tiles,
-   cuBLAS row blocks, and ``h @ W.T`` then ``lk.token_logprobs``; forward time ("fwd+bwd"
-   column) and peak memory above the inputs and the returned log-probs.
+4. The no-grad log-prob pass (old / reference log-probs) at the target shape: Triton tiles
+   (with and without the completion mask), cuBLAS row blocks, and ``h @ W.T`` then
+   ``lk.token_logprobs``; forward time ("fwd+bwd" column) and peak memory above the inputs and
+   the returned log-probs.
 
 Writes ``linear.json`` and ``linear.md`` into ``--out`` and prints a compact table last.
 """
@@ -274,9 +275,14 @@ def run_shape(dims, policy: str, modes: list[str], device: torch.device, started
 
 
 # The no-grad log-prob pass (old / reference log-probs): the same inputs, no gradient.
+# The "-masked" row is given the completion mask (0 outside it, padding skipped): it is checked
+# against the masked gold and its TFLOP/s counts only the 128-row tiles it computes.
 LOGPROB_ROWS = {
     "fused-linear-logprobs-tiles": lambda x: lk.fused_linear_token_logprobs(
         x.hidden, x.weight, x.target_ids, backend="triton", check_values=False, gemm="triton"),
+    "fused-linear-logprobs-tiles-masked": lambda x: lk.fused_linear_token_logprobs(
+        x.hidden, x.weight, x.target_ids, backend="triton", check_values=False, gemm="triton",
+        completion_mask=x.completion_mask),
     "fused-linear-logprobs-library": lambda x: lk.fused_linear_token_logprobs(
         x.hidden, x.weight, x.target_ids, backend="triton", check_values=False, gemm="library"),
     "matmul+token_logprobs": lambda x: lk.token_logprobs(x.hidden @ x.weight.T, x.target_ids, check_values=False),
@@ -292,16 +298,23 @@ def logprob_records(dims, device: torch.device) -> list[dict]:
     with torch.no_grad():
         gold = lk.fused_linear_token_logprobs(x.hidden.double(), x.weight.double(), x.target_ids, backend="torch",
                                               check_values=False)
+        live_tiles = row_fractions(x, torch.zeros(x.rewards.shape, device=device))["live"]
         for name, fn in LOGPROB_ROWS.items():
+            masked = name.endswith("-masked")
             record = dict(impl=name, mode="logprobs", policy="-", tokens=n, dim=d, vocab=v, gemms=1, status="ok",
                           reason=None)
             try:
                 value = fn(x)
+                stray = 0.0  # the masked row must give exactly 0 outside the mask
+                if masked:
+                    stray = torch.where(x.completion_mask, 0, value).abs().max().item()
+                    value = torch.where(x.completion_mask, value, gold)
                 err = rel(value, gold)
                 record["logp_abs_err"] = (value.double() - gold).abs().max().item()
                 del value
-                if not err < 1e-2:
-                    records.append({**record, "status": "failed-check", "reason": f"logp rel err {err:.1e}"})
+                if not (err < 1e-2 and stray == 0):
+                    records.append({**record, "status": "failed-check",
+                                    "reason": f"logp rel err {err:.1e}, largest outside the mask {stray:.1e}"})
                     continue
                 ms = do_bench(functools.partial(fn, x), warmup=1, rep=200, quantiles=[0.5, 0.2, 0.8])
                 torch.cuda.synchronize()
@@ -310,7 +323,7 @@ def logprob_records(dims, device: torch.device) -> list[dict]:
                 out = fn(x)
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()) / MB
-                tflop = 2 * n * v * d / 1e12
+                tflop = 2 * n * v * d * (live_tiles if masked else 1.0) / 1e12
                 record.update(fwdbwd_median_ms=ms[0], fwdbwd_q20_ms=ms[1], fwdbwd_q80_ms=ms[2],
                               peak_above_inputs_and_grads_mb=peak, gemm_tflop=tflop, tflops=tflop / (ms[0] * 1e-3))
                 del out
