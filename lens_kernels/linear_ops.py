@@ -109,9 +109,16 @@ def linear_token_logprobs(
     at ``target_ids [N]`` through ``path`` (see ``_launchers``; no checks).  ``live [N]`` bool
     (optional): rows that are False get log-prob 0 and no gradient, and the launchers skip
     their work where they can (Triton tiles: every row tile with no live row; torch: every
-    such row)."""
-    logp, _ = _linear_fwd(hidden, weight, bias, target_ids, live, 1.0 / temperature, path)
-    return logp
+    such row).  The tiles skip whole row tiles, so there the live rows are packed first (a
+    stable device sort, the hidden states gathered once; autograd takes the gradient back):
+    padding then costs no FLOPs, and rows with a zero gradient (a group's, contiguous) stay
+    together for the backward's skipping."""
+    inv_t = 1.0 / temperature
+    if live is None or path != "tiles":
+        return _linear_fwd(hidden, weight, bias, target_ids, live, inv_t, path)[0]
+    order = torch.argsort((~live).to(torch.int8), stable=True)
+    logp, _ = _linear_fwd(hidden[order], weight, bias, target_ids[order], live[order], inv_t, path)
+    return torch.zeros_like(logp).scatter(0, order, logp)
 
 
 # ---- the whole loss in one pass (GPU backends) ----------------------------------------------

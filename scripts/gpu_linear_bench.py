@@ -16,8 +16,8 @@ where importable).
    V in {128256, 151936}, grpo and lens, on-policy and off-policy (``--policies``).  fwd+bwd
    median of ``triton.testing.do_bench``; peak memory above the inputs and the returned dh/dW;
    TFLOP/s over the GEMMs run, counting only the 128-row tiles a skipping GEMM computes
-   (``LinearImpl.gemm_rows``: every row for cuBLAS, the tiles with a completion token for the
-   Triton logits, those with a nonzero coefficient for the Triton dh/dW).  Liger and CCE (grpo
+   (``LinearImpl.gemm_rows``: every row for cuBLAS; for the Triton GEMMs the tiles with a
+   completion token (logits) or a nonzero coefficient (dh, dW), in the row order they use).  Liger and CCE (grpo
    only) are timed at the target shape only, to stay within minutes.
 4. The no-grad log-prob pass (old / reference log-probs) at the target shape: Triton tiles
    (with and without the completion mask), cuBLAS row blocks, and ``h @ W.T`` then
@@ -147,16 +147,20 @@ def float64_gold(x: LinearInputs, mode: str):
 
 
 def row_fractions(x: LinearInputs, advantages: torch.Tensor, block: int = 128) -> dict[str, float]:
-    """Share of the ``block``-row tiles of the flattened batch that a skipping GEMM computes:
-    ``"live"``, tiles holding a completion token; ``"grad"``, tiles holding a completion token
-    of a row with a nonzero advantage (on-policy, nothing is clipped); ``"all"``: 1."""
+    """Share of the ``block``-row tiles of the flattened batch that a skipping GEMM computes
+    (``LinearImpl.gemm_rows``): ``"live"``, tiles with a completion token once those rows are
+    packed first; ``"grad"``, tiles with a completion token of a row with a nonzero advantage
+    once those are packed first (on-policy, nothing is clipped); ``"grad-live"``, the same
+    tiles in the live-first order; ``"all"``: 1."""
     def tiles(rows: torch.Tensor) -> float:
-        rows = rows.reshape(-1)
         pad = (-rows.numel()) % block
         return float(torch.cat([rows, rows.new_zeros(pad)]).view(-1, block).any(1).float().mean())
 
-    return dict(all=1.0, live=tiles(x.completion_mask),
-                grad=tiles(x.completion_mask & (advantages != 0)[:, None]))
+    live = x.completion_mask.reshape(-1)
+    grad = (x.completion_mask & (advantages != 0)[:, None]).reshape(-1)
+    live_first = torch.argsort((~live).to(torch.int8), stable=True)
+    packed = torch.sort(grad.to(torch.int8), descending=True).values.bool()
+    return {"all": 1.0, "live": tiles(live[live_first]), "grad": tiles(packed), "grad-live": tiles(grad[live_first])}
 
 
 def gemm_tflop(impl: str, x: LinearInputs, mode: str, fractions: dict[str, float]) -> float:
@@ -207,7 +211,8 @@ def measure(impl_name: str, mode: str, x: LinearInputs, gold, fractions, check: 
         del grads
         tflop = gemm_tflop(impl_name, x, mode, fractions)
         record.update(gemm_tflop=tflop, gemms=impl.gemms(mode, x.policy), tflops=tflop / (ms[0] * 1e-3),
-                      live_tile_fraction=fractions["live"], grad_tile_fraction=fractions["grad"])
+                      live_tile_fraction=fractions["live"], grad_tile_fraction=fractions["grad"],
+                      grad_live_tile_fraction=fractions["grad-live"])
     except Exception as err:  # recorded; the sweep goes on
         oom = isinstance(err, torch.cuda.OutOfMemoryError)
         if not oom:

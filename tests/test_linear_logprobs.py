@@ -297,3 +297,27 @@ def test_bad_arguments_are_named(change, error, message):
         return
     with pytest.raises(error, match=re.escape(message)):
         fused_linear_token_logprobs(**args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton does not run here")
+def test_tiles_get_the_live_rows_packed_first(monkeypatch):
+    """With a mask, the Triton tiles' op sees the live rows first (in order), then the rest:
+    row tiles are all live or all skipped; the log-probs and gradients come back in place."""
+    seen = {}
+    op = linear_ops._linear_fwd
+
+    def spy(hidden, weight, bias, target_ids, live, inv_t, path):
+        seen.update(live=live, ids=target_ids)
+        return op(hidden, weight, bias, target_ids, live, inv_t, path)
+
+    monkeypatch.setattr(linear_ops, "_linear_fwd", spy)
+    hidden, weight, bias, targets = make_linear(batch=3, length=17)
+    mask = torch.rand(targets.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE) < 0.5
+    logp = fused_linear_token_logprobs(hidden, weight, targets, bias=bias, completion_mask=mask, backend="triton")
+    live = mask.reshape(-1)
+    count = int(live.sum())
+    assert 0 < count < live.numel()
+    assert seen["live"][:count].all() and not seen["live"][count:].any()
+    assert torch.equal(seen["ids"][:count], targets.reshape(-1)[live])
+    gold = materialised_logprobs(hidden, weight, bias, targets, 1.0)
+    check("logp", logp[mask], gold[mask], None, torch.float32)

@@ -85,14 +85,16 @@ class LinearImpl:
     gemm_count: int = 3  # N x V x d GEMMs per fwd+bwd (2 N V d FLOPs each), every row
 
     def gemm_rows(self, mode: str, policy: str) -> tuple[str, ...]:
-        """The rows each GEMM of one fwd+bwd runs over: ``"all"``, ``"live"`` (row tiles with a
-        completion token) or ``"grad"`` (row tiles with a nonzero coefficient)."""
+        """The rows each GEMM of one fwd+bwd runs over: ``"all"``; ``"live"``, the row tiles
+        with a completion token once those rows are packed first; ``"grad"``, the tiles with a
+        nonzero coefficient once those are packed first (the Triton one pass); ``"grad-live"``,
+        the tiles with a nonzero gradient in the live-first order (the Triton tiles' backward)."""
         one_pass = fused_linear_one_pass(mode, policy)
         if self.name in ("fused-linear-library", "fused-linear-cuda") or (
                 self.name == "fused-linear-triton" and one_pass):
             return ("all",) * (3 if one_pass else 4)
         if self.name in ("fused-linear-triton", "fused-linear-triton-gemm"):
-            return ("live",) + ("grad",) * (2 if one_pass else 3)
+            return ("live", "grad", "grad") if one_pass else ("live",) + ("grad-live",) * 3
         return ("all",) * self.gemm_count
 
     def gemms(self, mode: str, policy: str) -> int:
