@@ -89,10 +89,10 @@ def check_linear_backend(backend, hidden: torch.Tensor) -> str:
 
 def check_linear_gemm(gemm, backend: str) -> str:
     """``"auto"``, ``"library"`` (the GEMMs by ``torch.mm``, i.e. cuBLAS, on blocks of rows) or
-    ``"triton"`` (Triton logit tiles, never stored); ``backend`` is the resolved backend, and
-    ``"triton"`` needs the Triton one."""
+    ``"triton"`` (Triton GEMMs that skip rows needing no work: the logit tiles, or the one
+    pass's block GEMMs); ``backend`` is the resolved backend, and ``"triton"`` needs the Triton one."""
     if gemm not in LINEAR_GEMMS:
         raise ValueError(f"gemm: expected one of {list(LINEAR_GEMMS)}, got {gemm!r}")
     if gemm == "triton" and backend != "triton":
-        raise ValueError(f"gemm: 'triton' (Triton logit tiles) needs backend='triton', got backend={backend!r}")
+        raise ValueError(f"gemm: 'triton' (Triton GEMMs) needs backend='triton', got backend={backend!r}")
     return gemm

@@ -277,7 +277,7 @@ def test_tied_weight_gets_both_gradients(backend):
         (dict(backend="tiles"), ValueError, "backend: expected one of"),
         (dict(backend="cuda"), ValueError, "backend: 'cuda' is not available for tensors on cpu"),
         (dict(gemm="cublas"), ValueError, "gemm: expected one of ['auto', 'library', 'triton']"),
-        (dict(gemm="triton"), ValueError, "gemm: 'triton' (Triton logit tiles) needs backend='triton'"),
+        (dict(gemm="triton"), ValueError, "gemm: 'triton' (Triton GEMMs) needs backend='triton'"),
         (dict(target_ids=torch.zeros(3, 2, dtype=torch.int64)), ValueError, "target_ids: expected shape [2, 3]"),
         (dict(completion_mask=torch.ones(3, 2, dtype=torch.bool)), ValueError, "completion_mask: expected shape [2, 3]"),
         (dict(completion_mask=torch.full((2, 3), 2)), ValueError, "completion_mask: expected bool or values in {0, 1}"),
