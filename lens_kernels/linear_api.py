@@ -38,8 +38,9 @@ def fused_linear_token_logprobs(
     ``hidden``, ``weight`` and ``bias``; under ``torch.no_grad()`` it is the sampler-side
     "old log-probs" pass.  ``check_values=False`` skips the id-range check (no host sync).
     ``completion_mask [B, T]`` (bool or 0/1, optional): the log-prob is 0 where it is not set
-    (ids there may be anything, e.g. -100), and the Triton tiles skip the row tiles holding no
-    masked position (the torch backend every such row: padding and prompts cost no FLOPs).
+    (ids there may be anything, e.g. -100), and the Triton tiles skip those positions (the
+    rows in the mask are packed first), the torch backend too: padding and prompts cost no
+    FLOPs.
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"``, ``"cuda"`` (the
     csrc/ row kernels; ``gemm`` is then always ``"library"``) or ``"torch"``.

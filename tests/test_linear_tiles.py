@@ -140,3 +140,40 @@ def test_autotuning_can_be_switched_off():
     for family, by_size in configs.items():
         for size, found in by_size.items():
             assert [c.kwargs for c in found] == [linear_tile.gpu_configs()[family][size][0].kwargs], (family, size)
+
+
+def test_accumulated_outputs_are_restored_around_timed_runs_only_when_accumulating():
+    pre, post = linear_tile._restore_when_accumulating(["out"])
+    out = torch.ones(3)
+    pre({"out": out, "ACCUMULATE": True})
+    out += 5  # a timed run adding into it
+    post({"out": out, "ACCUMULATE": True}, None)
+    assert torch.equal(out, torch.ones(3))
+    pre({"out": out, "ACCUMULATE": False})  # written once: nothing saved, nothing restored
+    out.fill_(2)
+    post({"out": out, "ACCUMULATE": False}, None)
+    pre({"out": out, "ACCUMULATE": True}, reset_only=True)  # Triton's reset after tuning
+    out.fill_(3)
+    post({"out": out, "ACCUMULATE": True}, None)
+    assert torch.equal(out, torch.full((3,), 3.0))
+
+
+def test_switched_off_autotuning_times_nothing(monkeypatch):
+    """LENS_KERNELS_AUTOTUNE=0: the autotuner's timing function runs no kernel (older Triton
+    times even a single pruned candidate)."""
+    import inspect
+
+    import triton
+    import triton.language as tl
+
+    if "do_bench" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip("this Triton's autotune takes no do_bench")
+    monkeypatch.setattr(linear_tile, "TUNING", False)
+
+    @linear_tile.autotuned("dw", "x_ptr", key=[])
+    @triton.jit
+    def kernel(x_ptr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+        pass
+
+    assert kernel.do_bench is linear_tile._untimed
+    assert linear_tile._untimed(lambda: pytest.fail("ran a kernel")) == [0.0, 0.0, 0.0]

@@ -44,6 +44,7 @@ def _partials_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    tl.static_assert(SPLIT_COLS % BLOCK_V == 0, "a split must be whole tiles")
     tiles_per_split: tl.constexpr = SPLIT_COLS // BLOCK_V
     split, tile_n = grouped(tl.program_id(0), splits, tl.cdiv(N, BLOCK_N), GROUP)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)

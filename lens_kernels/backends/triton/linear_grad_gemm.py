@@ -3,17 +3,20 @@
 ``dz [N, width]`` (the inputs' dtype) holds ``d loss / d (h @ W.T + b)`` for the columns
 ``col0 .. col0 + width`` of the vocabulary (``linear_backward``).  Per chunk:
 
-* ``_dh_kernel``, grid over ``[BLOCK_N, BLOCK_D]`` tiles of ``dh``:
+* ``_dh_kernel``, grid over ``[BLOCK_N, BLOCK_D]`` tiles of ``dh``: with ``ACCUMULATE``,
   ``acc[N, d] (fp32) += dz @ W[col0 : col0 + width]``, a read-modify-write of the caller's fp32
-  accumulator; each element has one owner per launch and chunks run in order, so the sum is
-  deterministic.  Tiles whose rows all have ``g == 0`` are skipped (``dz`` is 0 there).
+  accumulator (each element has one owner per launch and chunks run in order, so the sum is
+  deterministic); without, ``dh = dz @ W`` written once in its own dtype (the one pass's
+  blocks, ``linear_block_gemm``).  Tiles whose rows all have ``g == 0`` are skipped (``dz`` is
+  0 there): left as they are when accumulating, written as 0 otherwise.
 * ``_dw_kernel``, grid over ``[BLOCK_V, BLOCK_D]`` tiles of ``dW[col0 : col0 + width]``:
-  ``dz.T @ h`` reduced over all ``N`` in fp32 registers and written once, in ``W``'s dtype.
-  The reduction walks only the row blocks that hold a row with ``g != 0``: their indices come
-  first in ``live_blocks`` and ``live_count`` says how many (device values, no host sync).
+  ``dz.T @ h`` reduced over all ``N`` in fp32 registers, written once in ``W``'s dtype, or
+  added to it with ``ACCUMULATE`` (the one pass's later blocks).  The reduction walks only the
+  row blocks that hold a row with ``g != 0``: their indices come first in ``live_blocks`` and
+  ``live_count`` says how many (device values, no host sync).
 
-Both kernels are autotuned (``linear_tile.CONFIGS``; ``_dh_kernel`` with its accumulator
-restored between the timed configurations).
+Both kernels are autotuned (``linear_tile.CONFIGS``), the argument they accumulate into saved
+and restored around each timed configuration when launched with ``ACCUMULATE``.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import triton.language as tl
 from .linear_tile import Tiles, autotuned, dot, grouped, rounded
 
 
-@autotuned("dh", "dz_ptr", key=["D"], restore_value=["out_ptr"])
+@autotuned("dh", "dz_ptr", key=["D"], accumulates=["out_ptr"])
 @triton.jit
 def _dh_kernel(
     dz_ptr, w_ptr, g_ptr, out_ptr,
@@ -63,7 +66,7 @@ def _dh_kernel(
         tl.store(out, tl.zeros((BLOCK_N, BLOCK_D), out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@autotuned("dw", "dz_ptr", key=["D"], restore_value=["dw_ptr"])
+@autotuned("dw", "dz_ptr", key=["D"], accumulates=["dw_ptr"])
 @triton.jit
 def _dw_kernel(
     dz_ptr, h_ptr, g_ptr, live_ptr, count_ptr, dw_ptr,

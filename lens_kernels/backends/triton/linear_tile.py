@@ -43,7 +43,7 @@ def rounded(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
+            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
     return x.to(dtype)
 
 
@@ -140,10 +140,11 @@ def _measured_only(configs: dict[str, dict[int, list[triton.Config]]]) -> dict[s
     return {family: {size: found[:1] for size, found in by_size.items()} for family, by_size in configs.items()}
 
 
-# LENS_KERNELS_AUTOTUNE=0 (read at import) keeps the first candidate of each list: no timing runs
-# on a kernel's first call for each (V, d, dtype), e.g. for test suites over many small shapes.
+# LENS_KERNELS_AUTOTUNE=0 (read at import) keeps the first candidate of each list and times
+# nothing on a kernel's first call for each (V, d, dtype), e.g. for test suites over many shapes.
+TUNING = os.environ.get("LENS_KERNELS_AUTOTUNE", "1") != "0"
 CONFIGS = interpreter_configs() if interpreting() else gpu_configs()
-if os.environ.get("LENS_KERNELS_AUTOTUNE", "1") == "0":
+if not TUNING:
     CONFIGS = _measured_only(CONFIGS)
 
 
@@ -155,19 +156,49 @@ def _for_dtype(family: str, operand: str):
     return prune
 
 
-# ``cache_results`` (Triton >= 3.2) keeps the pick on disk, so every process of a machine
-# uses the same tiles (and gets bitwise the same sums).
-_DISK = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+def _untimed(kernel_call, quantiles=None, **_):
+    """``do_bench`` that runs nothing: with one candidate left, no timing run (Triton before
+    3.7 times even a single pruned candidate)."""
+    return [0.0, 0.0, 0.0]
 
 
-def autotuned(family: str, operand: str, key: list[str], restore_value: Optional[list[str]] = None):
+def _restore_when_accumulating(names: list[str]):
+    """``(pre_hook, post_hook)`` saving ``names`` before each timed run of a kernel launched
+    with ``ACCUMULATE=True`` and restoring them after (written-once outputs need nothing)."""
+    saved: dict = {}
+
+    def pre_hook(kwargs, reset_only=False):
+        if kwargs.get("ACCUMULATE") and not reset_only:
+            saved.update({name: kwargs[name].clone() for name in names})
+
+    def post_hook(kwargs, exception):
+        for name in list(saved):
+            kwargs[name].copy_(saved.pop(name))
+
+    return pre_hook, post_hook
+
+
+_AUTOTUNE_ARGS = inspect.signature(triton.autotune).parameters
+
+
+def autotuned(family: str, operand: str, key: list[str], accumulates: Optional[list[str]] = None):
     """``triton.autotune`` over ``CONFIGS[family]``, pruned to the element size of the
     pointer argument ``operand``.  ``key`` leaves out ``N`` (it changes with every batch);
-    argument dtypes are part of Triton's key already.  ``restore_value``: arguments the
-    kernel reads and writes, restored between the timed configurations."""
+    argument dtypes are part of Triton's key already.  ``accumulates``: arguments the kernel
+    reads and writes when launched with ``ACCUMULATE=True``, restored between the timed
+    configurations.  Picks are cached on disk (``cache_results``, Triton >= 3.2), so later
+    processes on the machine reuse them."""
     configs = list({id(c): c for size in (2, 4) for c in CONFIGS[family][size]}.values())
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _for_dtype(family, operand)},
-                           restore_value=restore_value or [], **_DISK)
+    options: dict = {"prune_configs_by": {"early_config_prune": _for_dtype(family, operand)}}
+    if not TUNING and "do_bench" in _AUTOTUNE_ARGS:
+        options["do_bench"] = _untimed
+    elif "cache_results" in _AUTOTUNE_ARGS:
+        options["cache_results"] = True
+    if accumulates and "post_hook" in _AUTOTUNE_ARGS:
+        options["pre_hook"], options["post_hook"] = _restore_when_accumulating(accumulates)
+    elif accumulates:
+        options["restore_value"] = accumulates
+    return triton.autotune(configs, key=key, **options)
 
 
 @triton.jit
