@@ -177,3 +177,14 @@ def test_switched_off_autotuning_times_nothing(monkeypatch):
 
     assert kernel.do_bench is linear_tile._untimed
     assert linear_tile._untimed(lambda: pytest.fail("ran a kernel")) == [0.0, 0.0, 0.0]
+
+
+def test_autotuning_keys_on_the_hidden_size_and_dtypes_only():
+    """A new batch size, length or vocabulary never re-times the candidates (SPEC 3: nothing is
+    redone per T or V); d and the dtypes pick the tiles."""
+    from lens_kernels.backends.triton import linear_block_gemm, linear_backward, linear_forward, linear_grad_gemm
+
+    kernels = (linear_forward._partials_kernel, linear_backward._dz_kernel, linear_grad_gemm._dh_kernel,
+               linear_grad_gemm._dw_kernel, linear_block_gemm._block_logits_kernel)
+    for kernel in kernels:
+        assert list(kernel.keys) == ["D"], kernel

@@ -38,7 +38,7 @@ from .linear_tile import autotuned, grouped, logits_tile, rounded, tiles_for
 SCRATCH_BYTES = 512 * 2**20
 
 
-@autotuned("logits", "h_ptr", key=["V", "D"])
+@autotuned("logits", "h_ptr", key=["D"])
 @triton.jit
 def _dz_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, g_ptr, lse_ptr, dz_ptr,

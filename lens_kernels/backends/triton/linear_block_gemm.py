@@ -30,7 +30,7 @@ from .linear_grad_gemm import accumulate_dh, live_row_blocks, write_dw
 from .linear_tile import autotuned, grouped, logits_tile, rounded, tiles_for
 
 
-@autotuned("logits", "h_ptr", key=["V", "D"])
+@autotuned("logits", "h_ptr", key=["D"])
 @triton.jit
 def _block_logits_kernel(
     h_ptr, w_ptr, b_ptr, live_ptr, z_ptr,

@@ -33,7 +33,7 @@ from .linear_tile import Tiles, autotuned, grouped, logits_tile, tiles_for
 _MERGE_BLOCK = 256
 
 
-@autotuned("logits", "h_ptr", key=["V", "D"])
+@autotuned("logits", "h_ptr", key=["D"])
 @triton.jit
 def _partials_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, live_ptr, m_ptr, s_ptr, zt_ptr,

@@ -141,7 +141,7 @@ def _measured_only(configs: dict[str, dict[int, list[triton.Config]]]) -> dict[s
 
 
 # LENS_KERNELS_AUTOTUNE=0 (read at import) keeps the first candidate of each list and times
-# nothing on a kernel's first call for each (V, d, dtype), e.g. for test suites over many shapes.
+# nothing on a kernel's first call for each (d, dtype), e.g. for test suites over many shapes.
 TUNING = os.environ.get("LENS_KERNELS_AUTOTUNE", "1") != "0"
 CONFIGS = interpreter_configs() if interpreting() else gpu_configs()
 if not TUNING:
@@ -183,8 +183,9 @@ _AUTOTUNE_ARGS = inspect.signature(triton.autotune).parameters
 
 def autotuned(family: str, operand: str, key: list[str], accumulates: Optional[list[str]] = None):
     """``triton.autotune`` over ``CONFIGS[family]``, pruned to the element size of the
-    pointer argument ``operand``.  ``key`` leaves out ``N`` (it changes with every batch);
-    argument dtypes are part of Triton's key already.  ``accumulates``: arguments the kernel
+    pointer argument ``operand``.  ``key`` leaves out ``N``, ``T`` and ``V`` (a new batch or
+    vocabulary never re-times the candidates, as it never recompiles the kernels); argument
+    dtypes are part of Triton's key already.  ``accumulates``: arguments the kernel
     reads and writes when launched with ``ACCUMULATE=True``, restored between the timed
     configurations.  Picks are cached on disk (``cache_results``, Triton >= 3.2), so later
     processes on the machine reuse them."""
