@@ -58,6 +58,14 @@ class LensOptions:
         return 1.0 / self.temperature
 
     @property
+    def inv_temperature_parts(self) -> tuple[float, float]:
+        """``1 / temperature`` as an fp32 high part and an fp32 low part (``hi + lo`` = the
+        float64 ``1 / temperature`` to ~2**-48): kernels scale with ``x * hi + x * lo`` (an fma),
+        which rounds once and is unbiased, where ``x * fp32(1 / t)`` carries the one-sided
+        relative error of ``fp32(1 / t)`` into every fp32 log-prob."""
+        return split_float(self.inv_temperature)
+
+    @property
     def lens_mixed(self) -> bool:
         """Mixed groups take their advantages from the calibrated reward."""
         return self.mode in ("lens", "lens-mixed-only")
@@ -70,6 +78,12 @@ class LensOptions:
     @staticmethod
     def from_key(key: str) -> "LensOptions":
         return _from_key(key)
+
+
+def split_float(value: float) -> tuple[float, float]:
+    """``value`` as ``(hi, lo)``: ``hi`` the nearest fp32, ``lo`` the fp32 nearest the rest."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
 @torch.compiler.assume_constant_result
