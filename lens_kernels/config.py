@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -80,10 +81,15 @@ class LensOptions:
         return _from_key(key)
 
 
+@functools.lru_cache(maxsize=64)
 def split_float(value: float) -> tuple[float, float]:
     """``value`` as ``(hi, lo)``: ``hi`` the nearest fp32, ``lo`` the fp32 nearest the rest."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = _to_fp32(value)
+    return hi, _to_fp32(value - hi)
+
+
+def _to_fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @torch.compiler.assume_constant_result
