@@ -4,18 +4,33 @@ The math is ``lens_kernels.reference`` (SPEC section 1); arguments were validate
 boundary (``lens_kernels.validation``) before any launcher runs, so launchers only assert what
 their kernels rely on.  Options arrive as one :class:`lens_kernels.config.LensOptions`.
 
-Every backend provides the vocabulary pass (the ``token_logprobs`` op and the torch backend's
-loss use it):
+Every backend provides the vocabulary pass (the ``token_logprobs`` op, the torch backend's
+loss and the fused-linear row blocks use it).  Rows are ``[B, T]``; packed tokens ``[N]`` are
+handed over as ``[1, N, V]`` (or ``[N, 1, V]``): the kernels know no other layout.
 
-``logprobs_forward(logits, target_ids, inv_temperature, live=None) -> (logp, lse)``
+``inv_temperature`` is the float64 ``1 / temperature`` (a Python float); the launchers split it
+into fp32 parts ``(hi, lo) = config.split_float(inv_temperature)`` and scale every logit as
+``z = fma(x, hi, x * lo)`` (unbiased: ``x * fp32(1/t)`` would bias every fp32 log-prob the same
+way); float64 logits (torch backend) use ``hi = 1/t``, ``lo = 0``.  Gradients carry ``hi``.
+
+``logprobs_forward(logits, target_ids, inv_temperature, live=None, entropy=False) -> (logp, lse, ent)``
     logits ``[B, T, V]`` fp32/bf16/fp16, any strides; ``target_ids [B, T]`` int64; ``live``
-    an optional bool ``[B, T]`` mask whose 0 rows are not read (their ``logp``/``lse`` are 0).
-    ``lse = logsumexp_v(logits * inv_temperature)``, ``logp = z[target] - lse``, ``[B, T]`` fp32.
+    an optional bool ``[B, T]`` mask whose 0 rows are not read (their outputs are 0).
+    ``lse = logsumexp_v z``, ``logp = z[target] - lse``, all ``[B, T]`` fp32 contiguous
+    (float64 for float64 logits, torch backend);
+    ``ent = -sum_v p_v log p_v`` (``p = softmax(z)``) from the same sweep of the row (online
+    max ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) (z - m)``; ``ent = log s - u / s``;
+    ``-inf`` logits add exactly 0) when ``entropy=True``, else None (and not computed).
 
-``logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace, grad_scale=None)``
-    ``grad[b, t, v] = grad_logp * grad_scale * inv_t * (1[v == target] - exp(z - lse))`` in
-    ``logits.dtype`` (``grad_scale`` a 0-dim tensor read on the device); rows with a zero
-    coefficient get zeros without reading the logits; ``inplace`` writes over ``logits``.
+``logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace, grad_scale=None, grad_entropy=None, entropy=None)``
+    ``grad[b, t, v] = grad_scale * inv_t * (g * (1[v == target] - p_v) - gh * p_v * (log p_v + ent))``
+    with ``g = grad_logp [B, T]``, ``gh = grad_entropy [B, T]`` (both fp32; ``entropy`` the
+    forward's ``ent``, required with ``grad_entropy``), ``log p_v = z_v - lse`` recomputed from
+    the saved ``lse``; ``grad_entropy=None`` compiles/runs the log-prob-only backward (no extra
+    load or math).  ``grad_logp`` is required (zeros when only the entropy has a gradient).
+    In ``logits.dtype`` (``grad_scale`` a 0-dim tensor read on the device, scaling both terms);
+    rows where ``g`` and ``gh`` are both 0 get zeros without reading the logits; ``inplace``
+    writes over ``logits`` (returned).
 
 The GPU backends (triton, cuda) also provide the token kernels of the loss, which
 ``backends.kernel_loss`` sequences around the shared calibration of ``backends.common``:
