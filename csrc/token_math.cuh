@@ -36,9 +36,12 @@ __device__ __forceinline__ TokenTerms token_terms(double logp, double old, doubl
   const double ratio = exp(logp - old);
   const double clipped_ratio = ratio < low ? low : (ratio > high ? high : ratio);
   const bool inside = ratio >= low && ratio <= high;  // clamp passes the gradient at its bounds
+  // a = 0 contributes 0 whatever the ratio (one that overflows would give 0 * inf = NaN); an
+  // overflowing ratio on the clipped branch has gradient 0, never inf * 0.
+  const double unclipped = a == 0.0 ? 0.0 : a * ratio;
   double surrogate, d_surrogate;                    // min(a * ratio, a * clip(ratio)), d/d logp
-  min_with_grad(a * ratio, a * ratio, a * clipped_ratio, inside ? a * ratio : 0.0, surrogate, d_surrogate);
-  TokenTerms terms{-surrogate, -d_surrogate, (-a * clipped_ratio > -a * ratio) ? 1.0 : 0.0, 0.0};
+  min_with_grad(unclipped, unclipped, a * clipped_ratio, inside ? unclipped : 0.0, surrogate, d_surrogate);
+  TokenTerms terms{-surrogate, -d_surrogate, (-a * clipped_ratio > -unclipped) ? 1.0 : 0.0, 0.0};
   if (cfg.has_clip_ratio_c && a < 0.0) {  // dual clip: min(value, -a * c), c a constant
     min_with_grad(terms.loss, terms.grad, -a * cfg.clip_ratio_c, 0.0, terms.loss, terms.grad);
   }

@@ -155,6 +155,19 @@ def advantages(
     return torch.where(negative, negative_adv, mixed_adv), used
 
 
+def _surrogate_flat(ratio: torch.Tensor, a: torch.Tensor, low: float, high: float,
+                    clip_ratio_c: Optional[float]) -> torch.Tensor:
+    """Where ``-min(a r, a clip(r))`` (and its dual clip) has a zero gradient in ``r``: ``a = 0``;
+    the clipped branch strictly smaller with ``r`` outside ``[low, high]``; ``a < 0`` with the
+    loss strictly past the cap ``-a c``."""
+    unclipped = torch.where(a == 0, 0, a * ratio)
+    clipped = a * ratio.clamp(low, high)
+    flat = (a == 0) | ((clipped < unclipped) & ((ratio < low) | (ratio > high)))
+    if clip_ratio_c is not None:
+        flat |= (a < 0) & (-torch.minimum(unclipped, clipped) > -a * clip_ratio_c)
+    return flat
+
+
 def token_objective(
     logp: torch.Tensor,
     old: torch.Tensor,
@@ -165,12 +178,23 @@ def token_objective(
     """Step 8: ``(loss [B, T], clipped [B, T] bool, k3 [B, T] or None)`` per token.
 
     Differentiable in ``logp``; ``old``, ``adv`` and ``ref`` are constants.
+
+    Where the objective is flat in the ratio (``a = 0``, the clipped branch taken outside the
+    clip range, past the dual-clip cap) the ratio is a constant: ``exp`` is differentiated
+    only where the gradient is nonzero, so a ratio that overflows there (``old`` near -inf)
+    gives an exact 0, not ``0 * inf = NaN``.  ``a = 0`` contributes 0 whatever the ratio.
+    Values, and gradients elsewhere, are those of the plain formulas.
     """
     a = adv.unsqueeze(-1)
-    ratio = torch.exp(logp - old)
-    clipped_ratio = ratio.clamp(1 - options.eps_low, 1 + options.eps_high)
-    unclipped_loss, clipped_loss = -a * ratio, -a * clipped_ratio
-    loss = -torch.minimum(a * ratio, a * clipped_ratio)
+    low, high = 1 - options.eps_low, 1 + options.eps_high
+    log_ratio = logp - old
+    raw = torch.exp(log_ratio.detach())
+    flat = _surrogate_flat(raw, a, low, high, options.clip_ratio_c)
+    ratio = torch.where(flat, raw, torch.exp(torch.where(flat, 0, log_ratio)))
+    clipped_ratio = ratio.clamp(low, high)
+    unclipped = torch.where(a == 0, 0, a * ratio)
+    unclipped_loss, clipped_loss = -unclipped, -a * clipped_ratio
+    loss = -torch.minimum(unclipped, a * clipped_ratio)
     clipped = (clipped_loss > unclipped_loss).detach()
     if options.clip_ratio_c is not None:
         loss = torch.where(a < 0, torch.minimum(loss, -a * options.clip_ratio_c), loss)
