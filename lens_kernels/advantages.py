@@ -9,7 +9,9 @@ import torch
 
 from . import reference
 from .config import LensOptions
-from .validation import ValueChecks, _float_tensor, advantage_options, check_groups, check_mask, check_rewards
+from .validation import (
+    ValueChecks, _float_tensor, advantage_options, check_groups, check_logprob_values, check_mask, check_rewards,
+)
 
 
 class LensAdvantages(NamedTuple):
@@ -89,7 +91,7 @@ def lens_advantages(
     _float_tensor("old_logprobs", old_logprobs, tuple(old_logprobs.shape), device, whose)
     checks = ValueChecks()
     check_mask(completion_mask, tuple(old_logprobs.shape), device, checks, whose)
-    checks.finite("old_logprobs", old_logprobs, completion_mask)
+    check_logprob_values("old_logprobs", old_logprobs, completion_mask, checks)
     checks.settle()
     logp_sum, n_tokens = reference.sequence_stats(old_logprobs.double(), completion_mask)
     return lens_advantages_from_stats(

@@ -75,9 +75,9 @@ def make_problem(
         temperature=temperature,
     )
     if off_policy:
-        kwargs["old_logprobs"] = (logp + off_policy * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).float()
+        kwargs["old_logprobs"] = (logp + off_policy * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).clamp(max=0.0).float()
     if with_ref:
-        kwargs["ref_logprobs"] = (logp + 0.3 * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).float()
+        kwargs["ref_logprobs"] = (logp + 0.3 * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).clamp(max=0.0).float()
     out = {}
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):

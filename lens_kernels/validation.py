@@ -82,6 +82,13 @@ class ValueChecks:
                 raise ValueError(message() if callable(message) else message)
 
 
+def _first(values: torch.Tensor, bad: torch.Tensor) -> str:
+    """``found <value> at [i, j]``: the first position where ``bad`` is set, in row-major order."""
+    index = [int(i) for i in bad.nonzero()[0]]
+    value = values[tuple(index)].item()
+    return f"found {value:.6g} at {index}" if isinstance(value, float) else f"found {value!r} at {index}"
+
+
 def _tensor(name: str, value, shape: tuple, device: torch.device, whose: str = "the logits'") -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {list(shape)}, got {type(value).__name__}")
@@ -204,10 +211,8 @@ def check_mask(completion_mask, shape: tuple, device: torch.device, checks: Valu
         if completion_mask.is_complex():
             raise TypeError(f"completion_mask: expected bool or 0/1 numbers, got {completion_mask.dtype}")
     if completion_mask.dtype != torch.bool and checks.enabled:
-        checks.add(
-            ((completion_mask != 0) & (completion_mask != 1)).any(),
-            "completion_mask: expected bool or values in {0, 1}, found other values",
-        )
+        bad = (completion_mask != 0) & (completion_mask != 1)
+        checks.add(bad.any(), lambda: "completion_mask: expected bool or values in {0, 1}, " + _first(completion_mask, bad))
     return completion_mask
 
 
@@ -215,11 +220,36 @@ def check_rewards(rewards, batch: int, device: torch.device, checks: ValueChecks
     """``rewards``: float ``[B]`` in ``[0, 1]``, no NaN."""
     _float_tensor("rewards", rewards, (batch,), device, whose)
     if checks.enabled:
-        checks.add(
-            ~((rewards >= 0) & (rewards <= 1)).all(),
-            "rewards: expected values in [0, 1] (binary or fractional), found values outside or NaN",
-        )
+        bad = ~((rewards >= 0) & (rewards <= 1))
+        checks.add(bad.any(), lambda: "rewards: expected values in [0, 1] (binary or fractional), " + _first(rewards, bad))
     return rewards
+
+
+# Log-probs are <= 0; fp32 rounding can leave a confident token's slightly above 0, never by this much.
+LOGPROB_ROUNDING = 1e-4
+
+
+def check_logprob_values(name: str, values: torch.Tensor, mask: torch.Tensor, checks: ValueChecks) -> None:
+    """``old_logprobs`` / ``ref_logprobs``: finite and at most ``LOGPROB_ROUNDING`` wherever
+    ``mask`` is set; a positive value names its position and what was likely passed instead."""
+    if not checks.enabled:
+        return
+    checks.finite(name, values, mask)
+    live = mask.bool()
+    bad = (values > LOGPROB_ROUNDING) & live
+
+    def message() -> str:
+        given = values[live]
+        if bool(((given >= 0) & (given <= 1)).all()):
+            likely = "probabilities? pass their log"
+        elif bool((given >= 0).all()):
+            likely = "negated log-probs (a loss or NLL)? pass them with the sign flipped"
+        else:
+            likely = "some tokens' values are not log-probs (probabilities, or the wrong sign?)"
+        return (f"{name}: expected log-probabilities (<= 0) at masked positions, "
+                f"{_first(values, bad)} ({int(bad.sum())} above {LOGPROB_ROUNDING:g}); {likely}")
+
+    checks.add(bad.any(), message)
 
 
 def check_groups(group_size, group_index, batch: int, device: torch.device, checks: ValueChecks,
@@ -318,6 +348,6 @@ def validate_loss(
         checks.finite("advantages", advantages, None)
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if value is not None:
-            checks.finite(name, value, completion_mask)
+            check_logprob_values(name, value, completion_mask, checks)
     inputs = LossInputs(logits, target_ids, completion_mask, rewards, groups, old_logprobs, ref_logprobs, advantages)
     return inputs, options, checks

@@ -46,9 +46,9 @@ def make_linear_problem(batch=8, length=5, dim=24, vocab=203, group_size=4, *, b
                   rewards=group_rewards(batch // group_size, group_size, gen), group_size=group_size,
                   temperature=temperature)
     if off_policy:
-        kwargs["old_logprobs"] = (logp + off_policy * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).float()
+        kwargs["old_logprobs"] = (logp + off_policy * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).clamp(max=0.0).float()
     if with_ref:
-        kwargs["ref_logprobs"] = (logp + 0.3 * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).float()
+        kwargs["ref_logprobs"] = (logp + 0.3 * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).clamp(max=0.0).float()
     cast = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
     kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     return cast(hidden), cast(weight), cast(b), kwargs

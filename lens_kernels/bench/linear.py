@@ -70,7 +70,7 @@ def make_linear_inputs(tokens: int, dim: int, vocab: int, dtype: torch.dtype, de
     if policy == "off":
         with torch.no_grad():
             logp = lk.fused_linear_token_logprobs(hidden, weight, targets.to(device), check_values=False)
-        old = logp + 0.1 * torch.randn(logp.shape, generator=gen, device=device)
+        old = (logp + 0.1 * torch.randn(logp.shape, generator=gen, device=device)).clamp(max=0.0)
     return LinearInputs(hidden.requires_grad_(), weight.requires_grad_(), targets.to(device), mask.to(device),
                         rewards.to(device), group_size, old)
 
