@@ -2,7 +2,7 @@
 and the output (``lm_head``) weight, never materialising the ``[B, T, V]`` logits."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -28,19 +28,29 @@ def fused_linear_token_logprobs(
     check_values: bool = True,
     gemm: str = "auto",
     completion_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``log softmax((hidden @ weight.T + bias) / temperature)[target]`` without the logits.
 
     ``hidden [B, T, d]`` (the last hidden states, already shifted so that ``hidden[b, t]``
-    predicts ``target_ids[b, t]``), ``weight [V, d]`` and ``bias [V]`` (optional) of the same
-    dtype (fp32, bf16 or fp16; float64 with ``backend="torch"``), ``target_ids [B, T]`` int64
-    in ``[0, V)`` -> ``[B, T]`` fp32 (float64 for float64 inputs).  Differentiable in
-    ``hidden``, ``weight`` and ``bias``; under ``torch.no_grad()`` it is the sampler-side
-    "old log-probs" pass.  ``check_values=False`` skips the id-range check (no host sync).
-    ``completion_mask [B, T]`` (bool or 0/1, optional): the log-prob is 0 where it is not set
-    (ids there may be anything, e.g. -100), and the Triton tiles skip those positions (the
-    rows in the mask are packed first), the torch backend too: padding and prompts cost no
-    FLOPs.
+    predicts ``target_ids[b, t]``) or packed ``[N, d]`` (sequences concatenated, e.g. verl's
+    remove-padding or TRL's padding-free layout), ``weight [V, d]`` and ``bias [V]``
+    (optional) of the same dtype (fp32, bf16 or fp16; float64 with ``backend="torch"``),
+    ``target_ids [B, T]`` / ``[N]`` int64 in ``[0, V)`` -> ``[B, T]`` / ``[N]`` fp32 (float64
+    for float64 inputs): outputs follow the input's layout.  Differentiable in ``hidden``,
+    ``weight`` and ``bias``; under ``torch.no_grad()`` it is the sampler-side "old log-probs"
+    pass.  ``check_values=False`` skips the id-range check (no host sync).
+    ``completion_mask [B, T]`` / ``[N]`` (bool or 0/1, optional): the log-prob (and entropy)
+    is 0 where it is not set, with no gradient (ids there may be anything, e.g. -100), and the
+    Triton tiles skip those positions (the rows in the mask are packed first), the torch
+    backend too: padding and prompts cost no FLOPs.
+
+    ``return_entropy=True`` returns ``(logp, entropy)``: ``entropy = -sum_v p_v log p_v`` of
+    ``p = softmax((hidden @ weight.T + bias) / temperature)`` per token, same shape and dtype
+    as ``logp``, made in the same pass over the vocabulary (no extra GEMM, no second read of
+    the logits).  Both are differentiable (``d H / d z_v = -p_v (log p_v + H)``, combined with
+    the log-prob's gradient in the same recomputation GEMMs); when nothing asks for the
+    entropy's gradient (e.g. it is only logged) the backward costs what it costs without it.
 
     ``backend``: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"``, ``"cuda"`` (the
     csrc/ row kernels; ``gemm`` is then always ``"library"``) or ``"torch"``.
@@ -48,25 +58,30 @@ def fused_linear_token_logprobs(
     logit tiles, never stored, the backward recomputing them; ``"library"``: the logits of
     blocks of rows by ``torch.mm`` (cuBLAS) into one 512 MiB buffer, read back by the row
     kernels.  Memory: the forward keeps ``O(N)`` floats besides its inputs (plus ``3 N V /
-    2048`` fp32 partials with Triton tiles, or the block buffer); the backward holds one
-    vocabulary chunk (tiles) or row block (library) of the logits' gradient at a time (at most
-    512 MiB) and, with tiles, an fp32 ``[N, d]`` accumulator.
+    2048`` fp32 partials with Triton tiles, 4 with the entropy, or the block buffer); the
+    backward holds one vocabulary chunk (tiles) or row block (library) of the logits' gradient
+    at a time (at most 512 MiB) and, with tiles, an fp32 ``[N, d]`` accumulator.
     """
-    batch, length, dim, vocab = check_linear(hidden, weight, bias, target_ids)
+    shape = check_linear(hidden, weight, bias, target_ids, packed=True)
     checks = ValueChecks(check_values)
-    stand_in = logits_stand_in(hidden, vocab)
+    stand_in = logits_stand_in(hidden, shape.vocab)
+    as_rows = (lambda t: t.unsqueeze(0)) if len(shape.lead) == 1 else (lambda t: t)  # noqa: E731  [N] -> [1, N]
     if completion_mask is not None:
-        completion_mask = live_mask(check_mask(completion_mask, (batch, length), hidden.device, checks, "hidden's"))
-    check_targets(target_ids, stand_in, completion_mask, checks)
+        completion_mask = live_mask(check_mask(completion_mask, shape.lead, hidden.device, checks, "hidden's"))
+    check_targets(as_rows(target_ids), stand_in, None if completion_mask is None else as_rows(completion_mask), checks)
     temperature = check_temperature(temperature)
     backend = check_linear_backend(backend, hidden)
     gemm = check_linear_gemm(gemm, backend)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy: expected a bool, got {type(return_entropy).__name__}")
     checks.settle()
-    logp = linear_ops.linear_token_logprobs(
-        hidden.reshape(batch * length, dim), weight, bias, target_ids.reshape(-1), temperature, _path(backend, gemm),
-        None if completion_mask is None else completion_mask.reshape(-1),
+    result = linear_ops.linear_token_logprobs(
+        hidden.reshape(shape.rows, shape.dim), weight, bias, target_ids.reshape(-1), temperature, _path(backend, gemm),
+        None if completion_mask is None else completion_mask.reshape(-1), entropy=return_entropy,
     )
-    return logp.view(batch, length)
+    if return_entropy:
+        return result[0].view(shape.lead), result[1].view(shape.lead)
+    return result.view(shape.lead)
 
 
 def fused_linear_lens_loss(
@@ -132,7 +147,7 @@ def fused_linear_lens_loss(
     (no Triton tiles).  ``backend="torch"`` (any device, float64 too): chunked matmuls with
     bounded temporaries, and the reference epilogue under autograd.
     """
-    batch, length, dim, vocab = check_linear(hidden, weight, bias, target_ids)
+    (batch, length), dim, vocab = check_linear(hidden, weight, bias, target_ids)
     linear_backend = check_linear_backend(backend, hidden)
     gemm = check_linear_gemm(gemm, linear_backend)
     inputs, options, checks = validate_loss(

@@ -1,9 +1,12 @@
 """``torch.library`` custom ops of the fused-linear path, with fake kernels and autograd.
 
 * ``linear_logprobs_fwd`` / ``_bwd``: the differentiable vocabulary pass ``(hidden [N, d],
-  weight [V, d], bias [V] or None) -> logp [N]``: its forward returns the per-row logsumexp as
-  well (saved for the backward, not differentiable), its backward recomputes the logits from
-  the saved inputs and returns ``dh``, ``dW`` and ``dbias`` in one call.
+  weight [V, d], bias [V] or None) -> (logp [N], lse [2, N], entropy [N] or [0])``: the
+  per-row logsumexp, as the row max and the log of the sum of exponentials from it (their
+  sum; apart, ``(z - m) - log s`` keeps a near-certain token's ``log p`` exact at large
+  ``|z|``), is saved for the backward (not differentiable), the entropy made only when asked
+  for; the backward recomputes the logits from the saved inputs and returns ``dh``, ``dW``
+  and ``dbias`` in one call, with the entropy's share only when its gradient is not None.
 * ``linear_loss_one_pass``: the whole loss in one pass on a GPU backend
   (``backends.linear_one_pass``), with the gradients made during the forward; :class:`LinearLensLoss`
   is its autograd, whose backward scales them by ``grad_output`` (``ops.scale_rows_``).
@@ -52,50 +55,64 @@ def _launchers(path: str) -> tuple[Callable, Callable]:
 @torch.library.custom_op(f"{_LIB}::linear_logprobs_fwd", mutates_args=())
 def _linear_fwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, live: Optional[Tensor],
-    inv_temperature: float, path: str,
-) -> tuple[Tensor, Tensor]:
+    inv_temperature: float, path: str, entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     live = None if live is None else live.contiguous()
-    return _launchers(path)[0](hidden, weight, bias, target_ids.contiguous(), inv_temperature, live=live)
+    logp, lse, ent = _launchers(path)[0](hidden, weight, bias, target_ids.contiguous(), inv_temperature, live=live,
+                                         entropy=entropy)
+    return logp, lse, logp.new_empty((0,)) if ent is None else ent
 
 
 @_linear_fwd.register_fake
-def _(hidden, weight, bias, target_ids, live, inv_temperature, path):
+def _(hidden, weight, bias, target_ids, live, inv_temperature, path, entropy):
     rows, dtype = hidden.shape[0], accumulation_dtype(hidden.dtype)
-    return hidden.new_empty((rows,), dtype=dtype), hidden.new_empty((rows,), dtype=dtype)
+    return (hidden.new_empty((rows,), dtype=dtype), hidden.new_empty((2, rows), dtype=dtype),
+            hidden.new_empty((rows if entropy else 0,), dtype=dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::linear_logprobs_bwd", mutates_args=())
 def _linear_bwd(
-    grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, lse: Tensor,
-    inv_temperature: float, path: str,
+    grad_logp: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+    target_ids: Tensor, lse: Tensor, entropy: Optional[Tensor], inv_temperature: float, path: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dh, dw, dbias = _launchers(path)[1](grad_logp, hidden, weight, bias, target_ids.contiguous(), lse,
-                                        inv_temperature)
+                                        inv_temperature, grad_entropy=grad_entropy, entropy=entropy)
     return dh, dw, hidden.new_empty((0,)) if dbias is None else dbias
 
 
 @_linear_bwd.register_fake
-def _(grad_logp, hidden, weight, bias, target_ids, lse, inv_temperature, path):
+def _(grad_logp, grad_entropy, hidden, weight, bias, target_ids, lse, entropy, inv_temperature, path):
     dbias = hidden.new_empty((0,)) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format)
     return (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device),
             torch.empty(weight.shape, dtype=weight.dtype, device=weight.device), dbias)
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, target_ids, live, inv_temperature, path = inputs
-    ctx.save_for_backward(hidden, weight, bias, target_ids, live, output[1])
+    hidden, weight, bias, target_ids, live, inv_temperature, path, entropy = inputs
+    ctx.save_for_backward(hidden, weight, bias, target_ids, live, output[1], output[2] if entropy else None)
     ctx.inv_temperature, ctx.path = inv_temperature, path
     ctx.mark_non_differentiable(output[1])
+    if not entropy:
+        ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
 
 
-def _backward(ctx, grad_logp, _grad_lse):
-    hidden, weight, bias, target_ids, live, lse = ctx.saved_tensors
-    grad_logp = grad_logp.to(lse.dtype)
-    grad_logp = (grad_logp if live is None else torch.where(live, grad_logp, 0)).contiguous()
-    dh, dw, dbias = _linear_bwd(grad_logp, hidden, weight, bias, target_ids, lse, ctx.inv_temperature, ctx.path)
+def _backward(ctx, grad_logp, _grad_lse, grad_entropy):
+    hidden, weight, bias, target_ids, live, lse, entropy = ctx.saved_tensors
+    if grad_logp is None and (grad_entropy is None or entropy is None):
+        return (None,) * 8
+
+    def masked(grad):  # fp32 (float64) contiguous, 0 at rows that are not live
+        grad = grad.to(lse.dtype)
+        return (grad if live is None else torch.where(live, grad, 0)).contiguous()
+
+    grad_logp = lse.new_zeros(lse.shape[1:]) if grad_logp is None else masked(grad_logp)
+    grad_entropy = None if grad_entropy is None or entropy is None else masked(grad_entropy)
+    dh, dw, dbias = _linear_bwd(grad_logp, grad_entropy, hidden, weight, bias, target_ids, lse,
+                                None if grad_entropy is None else entropy, ctx.inv_temperature, ctx.path)
     need = ctx.needs_input_grad
     return (dh if need[0] else None, dw if need[1] else None, dbias if bias is not None and need[2] else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _linear_fwd.register_autograd(_backward, setup_context=_setup)
@@ -103,11 +120,13 @@ _linear_fwd.register_autograd(_backward, setup_context=_setup)
 
 def linear_token_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target_ids: Tensor, temperature: float, path: str,
-    live: Optional[Tensor] = None,
-) -> Tensor:
+    live: Optional[Tensor] = None, entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Differentiable ``[N]`` log-probs of ``(hidden [N, d] @ weight.T + bias) / temperature``
-    at ``target_ids [N]`` through ``path`` (see ``_launchers``; no checks).  ``live [N]`` bool
-    (optional): rows that are False get log-prob 0 and no gradient, and the launchers skip
+    at ``target_ids [N]`` through ``path`` (see ``_launchers``; no checks), and with ``entropy``
+    the ``[N]`` entropies of the same softmax, made in the same pass: ``(logp, entropy)``, both
+    differentiable (the entropy's gradient costs nothing when none is asked for).  ``live [N]``
+    bool (optional): rows that are False get 0 and no gradient, and the launchers skip
     their work where they can (Triton tiles: every row tile with no live row; torch: every
     such row).  The tiles skip whole row tiles, so there the live rows are packed first (a
     stable device sort, the hidden states gathered once; autograd takes the gradient back):
@@ -115,10 +134,12 @@ def linear_token_logprobs(
     together for the backward's skipping."""
     inv_t = 1.0 / temperature
     if live is None or path != "tiles":
-        return _linear_fwd(hidden, weight, bias, target_ids, live, inv_t, path)[0]
+        logp, _, ent = _linear_fwd(hidden, weight, bias, target_ids, live, inv_t, path, entropy)
+        return (logp, ent) if entropy else logp
     order = torch.argsort((~live).to(torch.int8), stable=True)
-    logp, _ = _linear_fwd(hidden[order], weight, bias, target_ids[order], live[order], inv_t, path)
-    return torch.zeros_like(logp).scatter(0, order, logp)
+    logp, _, ent = _linear_fwd(hidden[order], weight, bias, target_ids[order], live[order], inv_t, path, entropy)
+    logp = torch.zeros_like(logp).scatter(0, order, logp)
+    return (logp, torch.zeros_like(ent).scatter(0, order, ent)) if entropy else logp
 
 
 # ---- the whole loss in one pass (GPU backends) ----------------------------------------------

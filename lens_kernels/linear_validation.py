@@ -15,10 +15,14 @@ LINEAR_GEMMS = ("auto", "library", "triton")
 
 
 class LinearShape(NamedTuple):
-    batch: int
-    length: int
+    lead: tuple  # (B, T), or (N,) for packed tokens
     dim: int
     vocab: int
+
+    @property
+    def rows(self) -> int:
+        """``N = B * T`` (or the packed ``N``): rows of the ``[N, d]`` view of hidden."""
+        return self.lead[0] * self.lead[1] if len(self.lead) == 2 else self.lead[0]
 
 
 def _is_tensor(name: str, value, form: str) -> torch.Tensor:
@@ -27,16 +31,18 @@ def _is_tensor(name: str, value, form: str) -> torch.Tensor:
     return value
 
 
-def check_linear(hidden, weight, bias, target_ids) -> LinearShape:
-    """``hidden [B, T, d]`` and ``weight [V, d]`` of one floating dtype (fp32, bf16, fp16; float64
-    for the torch backend) on one device, ``bias [V]`` of that dtype or None, ``target_ids
-    [B, T]`` int64 (its id range is a value check, made with the loss's own checks)."""
-    _is_tensor("hidden", hidden, "[B, T, d]")
-    if hidden.dim() != 3 or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden: expected shape [B, T, d] with d >= 1, got {list(hidden.shape)}")
+def check_linear(hidden, weight, bias, target_ids, packed: bool = False) -> LinearShape:
+    """``hidden [B, T, d]`` (or, with ``packed``, also ``[N, d]``) and ``weight [V, d]`` of one
+    floating dtype (fp32, bf16, fp16; float64 for the torch backend) on one device, ``bias [V]``
+    of that dtype or None, ``target_ids`` int64 of hidden's leading shape (``[B, T]`` or
+    ``[N]``; its id range is a value check, made with the loss's own checks)."""
+    forms = "[B, T, d] or packed [N, d]" if packed else "[B, T, d]"
+    _is_tensor("hidden", hidden, forms)
+    if hidden.dim() not in ((2, 3) if packed else (3,)) or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden: expected shape {forms} with d >= 1, got {list(hidden.shape)}")
     if hidden.dtype not in LINEAR_DTYPES + (torch.float64,):
         raise TypeError(f"hidden: expected dtype float32, bfloat16 or float16, got {hidden.dtype}")
-    batch, length, dim = hidden.shape
+    lead, dim = tuple(hidden.shape[:-1]), hidden.shape[-1]
     _is_tensor("weight", weight, "[V, d]")
     if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != dim:
         raise ValueError(f"weight: expected shape [V, d] with V >= 1 and d = {dim} (hidden.shape[-1]), "
@@ -55,22 +61,25 @@ def check_linear(hidden, weight, bias, target_ids) -> LinearShape:
             raise TypeError(f"bias: expected the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
         if bias.device != hidden.device:
             raise ValueError(f"bias: expected a tensor on {hidden.device} (hidden's device), got {bias.device}")
-    _is_tensor("target_ids", target_ids, "[B, T] int64")
-    if tuple(target_ids.shape) != (batch, length):
-        raise ValueError(f"target_ids: expected shape {[batch, length]} (hidden.shape[:2]; hidden[b, t] predicts "
-                         f"target_ids[b, t]), got {list(target_ids.shape)}")
+    _is_tensor("target_ids", target_ids, "[B, T] int64" if len(lead) == 2 else "[N] int64")
+    if tuple(target_ids.shape) != lead:
+        where = "hidden.shape[:2]; hidden[b, t] predicts target_ids[b, t]" if len(lead) == 2 else \
+            "hidden.shape[:1], packed tokens; hidden[i] predicts target_ids[i]"
+        raise ValueError(f"target_ids: expected shape {list(lead)} ({where}), got {list(target_ids.shape)}")
     if target_ids.dtype != torch.int64:
         raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
     if target_ids.device != hidden.device:
         raise ValueError(f"target_ids: expected a tensor on {hidden.device} (hidden's device), got {target_ids.device}")
-    return LinearShape(batch, length, dim, vocab)
+    return LinearShape(lead, dim, vocab)
 
 
 def logits_stand_in(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
     """A ``[B, T, V]`` tensor with hidden's dtype and device and no storage (one element,
     expanded), so that the checks written for ``logits`` (target ids, mask, rewards, groups,
-    options) validate the fused-linear arguments unchanged."""
-    return hidden.new_empty(()).expand(hidden.shape[0], hidden.shape[1], vocab)
+    options) validate the fused-linear arguments unchanged; packed ``[N, d]`` hidden states
+    give ``[1, N, V]`` (one row of ``N`` positions)."""
+    lead = hidden.shape[:-1]
+    return hidden.new_empty(()).expand(*((1,) if len(lead) == 1 else ()), *lead, vocab)
 
 
 def check_linear_backend(backend, hidden: torch.Tensor) -> str:

@@ -267,7 +267,8 @@ def test_tied_weight_gets_both_gradients(backend):
 @pytest.mark.parametrize(
     "change, error, message",
     [
-        (dict(hidden=torch.zeros(2, 3)), ValueError, "hidden: expected shape [B, T, d]"),
+        (dict(hidden=torch.zeros(4)), ValueError, "hidden: expected shape [B, T, d] or packed [N, d] with d >= 1"),
+        (dict(hidden=torch.zeros(6, 4)), ValueError, "target_ids: expected shape [6] (hidden.shape[:1], packed"),
         (dict(weight=torch.zeros(5, 7)), ValueError, "weight: expected shape [V, d]"),
         (dict(weight=torch.zeros(5, 4, dtype=torch.float16)), TypeError, "weight: expected the dtype of hidden"),
         (dict(bias=torch.zeros(6)), ValueError, "bias: expected shape [5]"),
@@ -283,10 +284,12 @@ def test_tied_weight_gets_both_gradients(backend):
         (dict(completion_mask=torch.full((2, 3), 2)), ValueError, "completion_mask: expected bool or values in {0, 1}"),
         (dict(completion_mask=torch.tensor([[True, True, False]] * 2), target_ids=torch.tensor([[0, 1, 9]] * 2)),
          None, None),
+        (dict(return_entropy=1), TypeError, "return_entropy: expected a bool, got int"),
     ],
-    ids=["hidden-2d", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend",
+    ids=["hidden-1d", "packed-ids-shape", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend",
          "backend-cuda-on-cpu",
-         "gemm", "gemm-torch", "ids-shape", "mask-shape", "mask-values", "ids-anything-outside-the-mask"],
+         "gemm", "gemm-torch", "ids-shape", "mask-shape", "mask-values", "ids-anything-outside-the-mask",
+         "return-entropy"],
 )
 def test_bad_arguments_are_named(change, error, message):
     args = dict(hidden=torch.zeros(2, 3, 4), weight=torch.zeros(5, 4), target_ids=torch.zeros(2, 3, dtype=torch.int64),

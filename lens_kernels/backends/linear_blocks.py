@@ -93,12 +93,15 @@ class LibraryBlockGemms:
 
 def linear_logprobs_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target_ids: torch.Tensor,
-    inv_temperature: float, backend: str, live: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp, lse)``, both ``[N]`` fp32, of ``hidden [N, d]``, ``weight [V, d]``, ``bias``
+    inv_temperature: float, backend: str, live: Optional[torch.Tensor] = None, entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(logp [N], lse [2, N], None)`` fp32 (``lse`` as the ``(logsumexp, 0)`` parts of the
+    fused-linear op's contract, ``linear_ops``) of ``hidden [N, d]``, ``weight [V, d]``, ``bias``
     and ``target_ids [N]`` (ids outside ``[0, V)`` give NaN) through ``backend``'s row kernels;
     0 at rows where ``live [N]`` (bool, optional) is False (the library GEMM still makes their
     logits: skipping them would need their count on the host)."""
+    if entropy:
+        raise NotImplementedError("entropy on row blocks")
     rows = hidden.shape[0]
     vocab = weight.shape[0]
     logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
@@ -108,26 +111,30 @@ def linear_logprobs_forward(
     for r in spans:
         z = buffer[: r.stop - r.start]
         logits_into(z, hidden[r], weight, bias)
-        block_logp, block_lse = kernels.logprobs_forward(z[:, None], target_ids[r, None], inv_temperature)
+        block_logp, block_lse, _ = kernels.logprobs_forward(z[:, None], target_ids[r, None], inv_temperature)
         logp[r] = block_logp[:, 0]
         lse[r] = block_lse[:, 0]
     if live is not None:
         logp, lse = torch.where(live, logp, 0), torch.where(live, lse, 0)
-    return logp, lse
+    return logp, torch.stack((lse, torch.zeros_like(lse))), None
 
 
 def linear_logprobs_backward(
     grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     target_ids: torch.Tensor, lse: torch.Tensor, inv_temperature: float, backend: str,
+    grad_entropy: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(dh [N, d], dW [V, d], dbias [V] or None)`` in the inputs' dtypes from ``grad_logp [N]``
-    and the forward's ``lse [N]`` (both fp32); rows with ``grad_logp == 0`` add nothing."""
+    and the forward's ``lse [2, N]`` (fp32); rows with ``grad_logp == 0`` add nothing."""
+    if grad_entropy is not None:
+        raise NotImplementedError("entropy on row blocks")
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     dh = torch.empty((rows, dim), device=hidden.device, dtype=hidden.dtype)
     dw = (torch.empty if rows else torch.zeros)(weight.shape, device=weight.device, dtype=weight.dtype)
     db = None if bias is None else torch.zeros(vocab, device=hidden.device, dtype=torch.float32)
     kernels = get(backend)
+    lse = lse.sum(0)
     buffer, spans = blocks(hidden, vocab)
     for r in spans:
         z = buffer[: r.stop - r.start]

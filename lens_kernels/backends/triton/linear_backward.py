@@ -87,12 +87,17 @@ def linear_logprobs_backward(
     target_ids: torch.Tensor,
     lse: torch.Tensor,
     inv_temperature: float,
+    grad_entropy: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(dh [N, d], dW [V, d], dbias [V] or None)`` in the inputs' dtypes, all contiguous.
 
     ``grad_logp [N]`` fp32 contiguous, ``lse [N]`` fp32 from :func:`linear_logprobs_forward`,
     the other arguments as given to it.
     """
+    if grad_entropy is not None:
+        raise NotImplementedError("entropy on the Triton tiles")
+    lse = lse.sum(0)
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device

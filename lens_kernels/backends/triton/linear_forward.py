@@ -136,7 +136,8 @@ def linear_logprobs_forward(
     target_ids: torch.Tensor,
     inv_temperature: float,
     live: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(logp, lse)``, both ``[N]`` fp32, for ``z = (hidden @ weight.T + bias) * inv_temperature``.
 
     ``hidden [N, d]`` and ``weight [V, d]`` (same dtype: fp32, bf16 or fp16; any strides),
@@ -146,12 +147,14 @@ def linear_logprobs_forward(
     rows = hidden.shape[0]
     logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
+    if entropy:
+        raise NotImplementedError("entropy on the Triton tiles")
     if rows == 0:
-        return logp, lse
+        return logp, torch.stack((lse, lse)), None
     tiles = tiles_for(hidden.dtype, hidden.device)
     m, s, z_target = partials(hidden, weight, bias, target_ids, live, inv_temperature, tiles)
     _merge_kernel[(triton.cdiv(rows, _MERGE_BLOCK),)](
         m, s, z_target, target_ids, target_ids if live is None else live, logp, lse, rows, weight.shape[0],
         m.shape[0], tiles.split_cols, HAS_LIVE=live is not None, BLOCK=_MERGE_BLOCK,
     )
-    return logp, lse
+    return logp, torch.stack((lse, torch.zeros_like(lse))), None
