@@ -130,12 +130,14 @@ def _choice(name: str, value, choices: tuple) -> str:
     return value
 
 
-def check_logits(logits) -> torch.Tensor:
-    """``logits``: a ``[B, T, V]`` fp32/bf16/fp16 tensor with ``V >= 1``."""
+def check_logits(logits, packed: bool = False) -> torch.Tensor:
+    """``logits``: a ``[B, T, V]`` fp32/bf16/fp16 tensor with ``V >= 1`` (or packed ``[N, V]``
+    where the function takes packed tokens)."""
+    shapes = "[B, T, V] or packed [N, V]" if packed else "[B, T, V]"
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits: expected a torch.Tensor [B, T, V], got {type(logits).__name__}")
-    if logits.dim() != 3 or logits.shape[-1] < 1:
-        raise ValueError(f"logits: expected shape [B, T, V] with V >= 1, got {list(logits.shape)}")
+        raise TypeError(f"logits: expected a torch.Tensor {shapes}, got {type(logits).__name__}")
+    if logits.dim() not in ((2, 3) if packed else (3,)) or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected shape {shapes} with V >= 1, got {list(logits.shape)}")
     if logits.dtype not in REFERENCE_DTYPES:
         raise TypeError(f"logits: expected dtype float32, bfloat16 or float16, got {logits.dtype}")
     return logits
@@ -174,6 +176,8 @@ def check_inplace(inplace_backward, logits: torch.Tensor) -> bool:
 def check_shift(target_ids, logits: torch.Tensor) -> None:
     """``[B, T']`` targets for ``[B, T, V]`` logits with ``T' != T``: name the forgotten shift
     (checked first, so that the other ``[B, T]`` arguments are not blamed for it)."""
+    if logits.dim() != 3:
+        return
     batch, length, _ = logits.shape
     if isinstance(target_ids, torch.Tensor) and target_ids.dim() == 2 and target_ids.shape[0] == batch \
             and target_ids.shape[1] != length:
@@ -184,11 +188,15 @@ def check_shift(target_ids, logits: torch.Tensor) -> None:
 
 
 def check_targets(target_ids, logits: torch.Tensor, mask: Optional[torch.Tensor], checks: ValueChecks) -> torch.Tensor:
-    """``target_ids``: int64 ``[B, T]`` with ``0 <= id < V`` wherever ``mask`` is set (any
-    value, e.g. the transformers label -100, at masked-out positions)."""
-    batch, length, vocab = logits.shape
+    """``target_ids``: int64 ``[B, T]`` (``[N]`` for packed ``[N, V]`` logits) with
+    ``0 <= id < V`` wherever ``mask`` is set (any value, e.g. the transformers label -100, at
+    masked-out positions)."""
+    vocab = logits.shape[-1]
     check_shift(target_ids, logits)
-    _tensor("target_ids", target_ids, (batch, length), logits.device)
+    if logits.dim() == 2 and isinstance(target_ids, torch.Tensor) and target_ids.shape != logits.shape[:1]:
+        raise ValueError(f"target_ids: expected shape [N] = {[logits.shape[0]]} for packed logits [N, V] "
+                         f"(or [B, T] with logits [B, T, V]), got {list(target_ids.shape)}")
+    _tensor("target_ids", target_ids, tuple(logits.shape[:-1]), logits.device)
     if target_ids.dtype != torch.int64:
         raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
     if checks.enabled:

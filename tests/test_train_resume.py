@@ -1,10 +1,13 @@
 """Resuming a run whose checkpoints are damaged: the newest intact checkpoint is used and named
 in the log, damaged ones are kept aside (never trained over or deleted), and with none intact
-the trainer stops with an error naming the files, leaving the run directory as it was."""
+the trainer stops with an error naming the files, leaving the run directory as it was.  Damage
+that keeps a file's size (flipped bytes) is caught by the manifest's content hashes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import struct
 import shutil
 from pathlib import Path
 
@@ -47,10 +50,21 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _flip(path: Path) -> None:
+    """Invert 8 bytes in place, same size: inside the first tensor of a ``.safetensors`` file
+    (after its header, so the header check passes), in the middle of any other file."""
+    data = bytearray(path.read_bytes())
+    at = 8 + struct.unpack("<Q", data[:8])[0] + 16 if path.suffix == ".safetensors" else len(data) // 2
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    path.write_bytes(data)
+
+
 DAMAGE = {
     "state-missing": lambda c: (c / "step_000002" / ck.STATE_FILE).unlink(),
     "state-truncated": lambda c: _truncate(c / "step_000002" / ck.STATE_FILE),
+    "state-bytes-flipped": lambda c: _flip(c / "step_000002" / ck.STATE_FILE),
     "weights-truncated": lambda c: _truncate(c / "step_000002" / "model.safetensors"),
+    "weights-bytes-flipped": lambda c: _flip(c / "step_000002" / "model.safetensors"),
     "tokenizer-truncated": lambda c: _truncate(c / "step_000002" / "tokenizer.json"),
     "folder-missing": lambda c: shutil.rmtree(c / "step_000002"),
 }
@@ -61,6 +75,36 @@ def test_intact_checkpoints_resume_from_latest_quietly(ckpts, caplog):
         point = ck.resume_point(ckpts)
     assert point.path == ckpts / "step_000002" and point.state["step"] == 2
     assert point.state["sampler"] == {"index": 2} and caplog.text == ""
+
+
+def test_manifest_records_every_file_with_size_and_sha256(ckpts):
+    folder = ckpts / "step_000002"
+    manifest = json.loads((folder / ck.MANIFEST).read_text())
+    assert manifest["format"] == 2 and manifest["hash"] == "sha256"
+    files = sorted(p.name for p in folder.iterdir() if p.name != ck.MANIFEST)
+    assert sorted(manifest["files"]) == files and ck.STATE_FILE in files
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def test_flipped_bytes_are_named_as_a_content_change(ckpts):
+    _flip(ckpts / "step_000002" / "model.safetensors")
+    problem = ck.checkpoint_problem(ckpts / "step_000002")
+    assert problem.startswith(f"{ckpts / 'step_000002' / 'model.safetensors'}: its content differs")
+
+
+def test_manifest_without_hashes_is_checked_by_size_with_a_notice(ckpts, caplog):
+    folder = ckpts / "step_000002"
+    files = json.loads((folder / ck.MANIFEST).read_text())["files"]
+    (folder / ck.MANIFEST).write_text(json.dumps({name: e["size"] for name, e in files.items()}))
+    with caplog.at_level(logging.INFO, logger="lens_kernels.train"):
+        assert ck.resume_point(ckpts).path == folder
+    notices = [r.getMessage() for r in caplog.records]
+    assert notices == [f"{folder / ck.MANIFEST}: no content hashes (written before lens-kernels recorded "
+                       "them); checked by file size only"]
+    _truncate(folder / "tokenizer.json")  # sizes are still checked
+    assert "(truncated?)" in ck.checkpoint_problem(folder)
 
 
 def test_fresh_directory_has_no_resume_point(tmp_path):
@@ -99,7 +143,7 @@ def test_checkpoint_without_manifest_is_checked_by_its_safetensors_header(ckpts)
 
 
 def test_no_intact_checkpoint_stops_and_changes_nothing(ckpts):
-    _truncate(ckpts / "step_000001" / ck.STATE_FILE)
+    _flip(ckpts / "step_000001" / ck.STATE_FILE)
     _truncate(ckpts / "step_000002" / "model.safetensors")
     before = _snapshot(ckpts)
     with pytest.raises(ck.CheckpointError) as err:
@@ -162,23 +206,29 @@ def trained(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.parametrize("damage", ["state-missing", "weights-bytes-flipped"])
 def test_lens_train_resumes_from_the_older_checkpoint_when_latest_is_damaged(
-        trained, tmp_path, caplog):
+        trained, tmp_path, caplog, damage):
+    """Issue 20's repro among them: bytes flipped inside the latest model.safetensors, same size
+    (it used to resume from it with weights of 1e37 and zero gradients)."""
     from lens_kernels.train.cli import train_main
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     ckpts = run_dir / "lens" / "checkpoints"
-    (ckpts / "step_000002" / ck.STATE_FILE).unlink()
+    DAMAGE[damage](ckpts)
+    damaged = _snapshot(ckpts / "step_000002")
     metrics = (run_dir / "lens" / "metrics.jsonl").read_text().splitlines()
     step1 = _snapshot(ckpts / "step_000001")
     with caplog.at_level(logging.INFO, logger="lens_kernels.train"):
         assert train_main(RUN + ["--run-dir", str(run_dir)]) == 0
     assert f"resuming from {ckpts / 'step_000001'}" in caplog.text
-    assert (run_dir / "lens" / "metrics.jsonl").read_text().splitlines()[0] == metrics[0]
+    assert str(ckpts / "step_000002") in caplog.text.split("resuming from")[0]
+    after = (run_dir / "lens" / "metrics.jsonl").read_text().splitlines()
+    assert after[0] == metrics[0] and [json.loads(line)["step"] for line in after] == [1, 2]
     assert _snapshot(ckpts / "step_000001") == step1  # the intact one is kept, untouched
     assert ck.resume_point(ckpts).state["step"] == 2
-    assert (ckpts / "damaged-step_000002" / "model.safetensors").exists()
+    assert _snapshot(ckpts / "damaged-step_000002") == damaged  # kept byte for byte
 
 
 def test_lens_train_stops_on_a_run_without_an_intact_checkpoint(trained, tmp_path, capsys):

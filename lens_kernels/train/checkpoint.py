@@ -5,14 +5,19 @@ renamed into place (``os.replace`` is atomic), and only then is ``latest`` repoi
 atomic rename) and are old checkpoints pruned.  A run killed at any instant therefore leaves
 the previous checkpoint intact and ``latest`` naming a complete one.
 
-Each checkpoint lists its files and their sizes in ``manifest.json``, written last.  On resume
-(``resume_point``) a checkpoint that is missing, truncated or unreadable is never trained over:
-the newest intact one is used instead, and the damaged ones are renamed ``damaged-step_*`` and
-kept; when none is intact, ``CheckpointError`` names the files and the ways forward.
+Each checkpoint lists its files with their sizes and SHA-256 content hashes in
+``manifest.json``, written last (the files are hashed in a background thread while the
+optimizer state is written and the files are flushed).  On resume (``resume_point``) a checkpoint
+that is missing, truncated, unreadable or changed on disk (a hash that differs, even at the same
+size) is never trained over: the newest intact one is used instead, and the damaged ones are
+renamed ``damaged-step_*`` and kept; when none is intact, ``CheckpointError`` names the files
+and the ways forward.  Checkpoints written before content hashes are checked by size, with a
+one-line notice.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +25,7 @@ import random
 import re
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -28,6 +34,9 @@ import torch
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2  # 1 (no "format" key): {file: size}; 2: sizes and content hashes
+HASH = "sha256"
+HASH_BLOCK = 16 * 2**20
 STEP_DIR = re.compile(r"step_(\d+)")
 log = logging.getLogger("lens_kernels.train")
 
@@ -95,16 +104,60 @@ def save_model(folder: Path, model, tokenizer, extra_files: Optional[dict[str, s
         tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text, encoding="utf-8")
-    _write_manifest(tmp)
+    with _Hashes() as hashes:
+        _write_manifest(tmp, hashes)
     _replace_dir(tmp, folder)
 
 
-def _write_manifest(folder: Path) -> None:
-    """``manifest.json``: every file's size, written last; then the whole folder fsynced."""
-    sizes = {str(p.relative_to(folder)): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    (folder / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
+def file_hash(path: Path) -> str:
+    """The ``HASH`` of a file's bytes (hex), read in ``HASH_BLOCK`` blocks (the GIL is released
+    while reading and hashing, so other threads go on)."""
+    digest = hashlib.new(HASH)
+    block = bytearray(HASH_BLOCK)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(block):
+            digest.update(view[:size])
+    return digest.hexdigest()
+
+
+class _Hashes:
+    """Content hashes of a folder's files, computed by one background thread while the caller
+    goes on writing (it reads the files back from the page cache).  ``add(folder)`` queues every
+    file not yet queued; ``of(folder)`` waits for them all.  A context manager: leaving it
+    cancels what is still queued."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lens-checkpoint-hash")
+        self._jobs: dict[Path, Future] = {}
+
+    def __enter__(self) -> "_Hashes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def add(self, folder: Path) -> None:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path not in self._jobs:
+                self._jobs[path] = self._pool.submit(file_hash, path)
+
+    def of(self, folder: Path) -> dict[Path, str]:
+        self.add(folder)
+        return {path: job.result() for path, job in self._jobs.items()}
+
+
+def _write_manifest(folder: Path, hashes: _Hashes) -> None:
+    """``manifest.json``: every file's size and content hash, written last.  The files are
+    fsynced while the hashes complete, then the manifest is written and fsynced."""
+    hashes.add(folder)
     _fsync_tree(folder)
+    files = {str(path.relative_to(folder)): {"size": path.stat().st_size, HASH: digest}
+             for path, digest in sorted(hashes.of(folder).items())}
+    manifest = {"format": MANIFEST_FORMAT, "hash": HASH, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    with open(folder / MANIFEST, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -136,8 +189,10 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
     (tmp / "lens_train_config.yaml").write_text(config_yaml, encoding="utf-8")
     state = dict(trainer_state, step=step, optimizer=optimizer.state_dict(), rng=rng_state())
-    torch.save(state, tmp / STATE_FILE)
-    _write_manifest(tmp)
+    with _Hashes() as hashes:
+        hashes.add(tmp)  # the model files are hashed while the optimizer state is written
+        torch.save(state, tmp / STATE_FILE)
+        _write_manifest(tmp, hashes)
     final = ckpt_dir / name
     _replace_dir(tmp, final)
     atomic_write_text(ckpt_dir / "latest", name + "\n")
@@ -178,33 +233,72 @@ def _safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
+def _manifest_files(path: Path) -> tuple[Optional[dict[str, dict]], Optional[str]]:
+    """``(files, problem)``: the manifest's ``{name: {"size": n, HASH: hex}}`` (no hashes in a
+    format-1 manifest; ``{}`` without a manifest, as in folders written before manifests)."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return {}, None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except ValueError as err:
+        return None, f"{manifest}: unreadable ({err})"
+    if isinstance(data, dict) and "format" not in data and all(isinstance(v, int) for v in data.values()):
+        log.info("%s: no content hashes (written before lens-kernels recorded them); checked by "
+                 "file size only", manifest)
+        return {name: {"size": size} for name, size in data.items()}, None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("size"), int)
+                                              for v in files.values()):
+        return None, f"{manifest}: expected {{'format': {MANIFEST_FORMAT}, 'files': {{name: {{'size': ...}}}}}}"
+    if data.get("hash") != HASH:
+        log.info("%s: content hashes of an unknown kind %r; checked by file size only", manifest, data.get("hash"))
+        files = {name: {"size": entry["size"]} for name, entry in files.items()}
+    return files, None
+
+
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _verified_hash(file: Path) -> str:
+    """``file_hash(file)``, remembered for this process by device, inode, size and modification
+    time: a checkpoint verified on resume is not hashed again when its model is loaded."""
+    stat = file.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = file_hash(file)
+    return _VERIFIED[key]
+
+
 def checkpoint_problem(path: Path) -> Optional[str]:
     """Why the checkpoint folder ``path`` cannot be resumed from, naming the file (None: intact).
 
-    Checks that the folder exists; that every file of ``manifest.json`` is there with its size
-    (folders written before manifests: none); that each ``.safetensors`` file is as long as its
-    header says.  ``load_trainer_state`` checks the rest of a checkpoint.
+    Checks that the folder exists; that every file of ``manifest.json`` is there with its size;
+    that each ``.safetensors`` file is as long as its header says; then that every file's
+    content hash is the recorded one (bytes changed on disk at the same size).  Folders written
+    before manifests have none of these but the header check; manifests written before content
+    hashes, all but the last.  ``load_trainer_state`` checks the rest of a checkpoint.
     """
     path = Path(path)
     if not path.is_dir():
         return f"{path}: missing"
-    manifest = path / MANIFEST
-    try:
-        sizes = json.loads(manifest.read_text(encoding="utf-8")) if manifest.exists() else {}
-    except ValueError as err:
-        return f"{manifest}: unreadable ({err})"
-    if not isinstance(sizes, dict):
-        return f"{manifest}: expected an object of file sizes"
-    for name, size in sizes.items():
+    files, problem = _manifest_files(path)
+    if problem:
+        return problem
+    for name, entry in files.items():
         file = path / name
         if not file.is_file():
             return f"{file}: missing"
-        if file.stat().st_size != size:
-            return f"{file}: {file.stat().st_size} bytes, {MANIFEST} says {size} (truncated?)"
+        if file.stat().st_size != entry["size"]:
+            return f"{file}: {file.stat().st_size} bytes, {MANIFEST} says {entry['size']} (truncated?)"
     for file in sorted(path.glob("*.safetensors")):
         problem = _safetensors_problem(file)
         if problem:
             return problem
+    for name, entry in files.items():
+        if HASH in entry and _verified_hash(path / name) != entry[HASH]:
+            return (f"{path / name}: its content differs from the {HASH} that {MANIFEST} recorded "
+                    "(changed on disk since it was saved)")
     return None
 
 
