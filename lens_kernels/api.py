@@ -127,7 +127,7 @@ def live_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def _torch_loss(inputs: LossInputs, options: LensOptions) -> LensOutput:
     """The torch backend: chunked vocabulary pass, then the reference epilogue (autograd)."""
-    logp = ops.token_logprobs(inputs.logits, inputs.target_ids, options)
+    logp, _ = ops.token_logprobs(inputs.logits, inputs.target_ids, options)
     work = logp.dtype  # fp32 (float64 for float64 logits)
     device = logp.device
     old = logp.detach() if inputs.old is None else inputs.old.to(work)
@@ -147,19 +147,29 @@ def token_logprobs(
     backend: str = "auto",
     inplace_backward: bool = False,
     check_values: bool = True,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+):
     """Per-token log-probs ``log softmax(logits / temperature)[target]``.
 
-    ``logits [B, T, V]`` (any strides), ``target_ids [B, T]`` int64 in ``[0, V)`` -> ``[B, T]``
-    fp32 (float64 for float64 logits, torch backend), differentiable in ``logits``; no
-    ``[B, T, V]`` fp32 buffer is made.
+    ``logits [B, T, V]`` (any strides), ``target_ids [B, T]`` int64 in ``[0, V)`` -> ``[B, T]``;
+    or packed tokens: ``logits [N, V]``, ``target_ids [N]`` -> ``[N]``.  fp32 (float64 for
+    float64 logits, torch backend), differentiable in ``logits``; no ``[B, T, V]`` fp32 buffer
+    is made.
+
+    ``return_entropy=True`` returns ``(logp, entropy)``: ``entropy = -sum_v p_v log p_v`` of
+    ``p = softmax(logits / temperature)`` per token, same shape and dtype, computed in the same
+    vocabulary pass and differentiable too (``d H / d z_v = -p_v (log p_v + H)``); when no
+    gradient reaches the entropy its backward costs nothing extra.
     """
-    check_logits(logits)
+    check_logits(logits, packed=True)
     checks = ValueChecks(check_values)
     check_targets(target_ids, logits, None, checks)
     options = LensOptions(
         temperature=check_temperature(temperature), backend=check_backend(backend, logits),
         inplace_backward=check_inplace(inplace_backward, logits), check_values=check_values,
     )
+    if not isinstance(return_entropy, bool):
+        raise ValueError(f"return_entropy: expected True or False, got {return_entropy!r}")
     checks.settle()
-    return ops.token_logprobs(logits, target_ids, options)
+    logp, entropy = ops.token_logprobs(logits, target_ids, options, return_entropy)
+    return (logp, entropy) if return_entropy else logp

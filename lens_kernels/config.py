@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -60,10 +61,10 @@ class LensOptions:
 
     @property
     def inv_temperature_parts(self) -> tuple[float, float]:
-        """``1 / temperature`` as an fp32 high part and an fp32 low part (``hi + lo`` = the
-        float64 ``1 / temperature`` to ~2**-48): kernels scale with ``x * hi + x * lo`` (an fma),
-        which rounds once and is unbiased, where ``x * fp32(1 / t)`` carries the one-sided
-        relative error of ``fp32(1 / t)`` into every fp32 log-prob."""
+        """``1 / temperature`` as an fp32 high part and an fp32 low part (``split_float``):
+        kernels scale with ``x * hi + x * lo`` (an fma where there is one), which is unbiased,
+        where ``x * fp32(1 / t)`` carries the one-sided relative error of ``fp32(1 / t)`` into
+        every fp32 log-prob.  Gradients take ``hi + lo`` (rounded to fp32), never ``hi`` alone."""
         return split_float(self.inv_temperature)
 
     @property
@@ -81,11 +82,30 @@ class LensOptions:
         return _from_key(key)
 
 
+# Significant bits of the high part of a split scale (see ``split_float``).
+SPLIT_HI_BITS = 12
+
+
 @functools.lru_cache(maxsize=64)
 def split_float(value: float) -> tuple[float, float]:
-    """``value`` as ``(hi, lo)``: ``hi`` the nearest fp32, ``lo`` the fp32 nearest the rest."""
-    hi = _to_fp32(value)
-    return hi, _to_fp32(value - hi)
+    """``value`` as fp32 ``(hi, lo)`` with ``hi + lo = value`` to ~2**-35 relative.
+
+    ``hi`` keeps ``SPLIT_HI_BITS`` significant bits, rounded toward zero, and ``lo`` (``hi``'s
+    sign) lies between 2**-16 and 2**-11 of ``value``, or is 0 when ``value`` has no more bits.
+    Then ``x * hi + x * lo`` is unbiased in fp32 with or without an fma: ``x * hi`` rounds
+    fairly (exactly for bf16/fp16 ``x``) and ``x * lo`` stands far above the last place of the
+    sum, so its rounding is fair too.  (With a full 24-bit ``hi``, ``x * lo`` sits below half
+    an ulp: fp32 arithmetic without an fma, e.g. PyTorch or Triton's interpreter, drops it and
+    keeps ``hi``'s one-sided error.)  An infinite ``x`` gives that infinity, never
+    ``inf - inf``.  ``hi`` alone is NOT ``value`` to fp32 precision: a gradient's factor is
+    ``hi + lo`` rounded to fp32 (the nearest fp32 of ``value``)."""
+    if value == 0 or not math.isfinite(value):
+        return value, 0.0
+    unit = math.ldexp(1.0, math.frexp(value)[1] - SPLIT_HI_BITS)  # last place of a 12-bit hi
+    hi = math.trunc(value / unit) * unit  # exact: a power-of-two scaling and an integer
+    if value != hi and abs(value - hi) < abs(value) * 2**-16:  # lo too small to stay fair
+        hi -= math.copysign(unit, value)
+    return _to_fp32(hi), _to_fp32(value - hi)
 
 
 def _to_fp32(value: float) -> float:

@@ -5,8 +5,9 @@ autograd (``register_autograd`` or a ``torch.autograd.Function``) -> the public 
 ``lens_kernels.api``.  The options travel as one :class:`~lens_kernels.config.LensOptions`,
 handed to custom ops as its ``key()`` string.
 
-* ``logprobs_fwd`` / ``logprobs_bwd[_inplace]``: the vocabulary pass ``logits -> logp`` and
-  its backward (differentiable token log-probs, and the torch backend's loss).
+* ``logprobs_fwd`` / ``logprobs_bwd[_inplace]``: the vocabulary pass ``logits -> (logp,
+  entropy)`` and its backward (differentiable token log-probs and entropies, and the torch
+  backend's loss).
 * ``loss_one_pass[_inplace]``, ``loss_two_pass``: the whole loss on a GPU backend
   (``backends.kernel_loss``); ``scale_rows_`` is the one-pass backward.
 """
@@ -36,76 +37,99 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op(f"{_LIB}::logprobs_fwd", mutates_args=())
 def _logprobs_fwd(
-    logits: Tensor, target_ids: Tensor, inv_temperature: float, backend: str, inplace_backward: bool
-) -> tuple[Tensor, Tensor]:
-    return backends.get(backend).logprobs_forward(logits, target_ids, inv_temperature)
+    logits: Tensor, target_ids: Tensor, inv_temperature: float, backend: str, inplace_backward: bool, entropy: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    logp, lse, ent = backends.get(backend).logprobs_forward(logits, target_ids, inv_temperature, entropy=entropy)
+    return logp, lse, ent if entropy else logp.new_empty(0)  # an op returns tensors: empty = no entropy
 
 
 @_logprobs_fwd.register_fake
-def _(logits, target_ids, inv_temperature, backend, inplace_backward):
+def _(logits, target_ids, inv_temperature, backend, inplace_backward, entropy):
     shape, dtype = logits.shape[:2], accumulation_dtype(logits.dtype)
-    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype)
+    ent = logits.new_empty(shape if entropy else (0,), dtype=dtype)
+    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype), ent
 
 
 @torch.library.custom_op(f"{_LIB}::logprobs_bwd", mutates_args=())
 def _logprobs_bwd(
     grad_logp: Tensor, logits: Tensor, target_ids: Tensor, lse: Tensor, inv_temperature: float, backend: str,
-    grad_scale: Optional[Tensor],
+    grad_scale: Optional[Tensor], grad_entropy: Optional[Tensor], entropy: Optional[Tensor],
 ) -> Tensor:
     return backends.get(backend).logprobs_backward(
-        grad_logp, logits, target_ids, lse, inv_temperature, False, grad_scale
+        grad_logp, logits, target_ids, lse, inv_temperature, False, grad_scale, grad_entropy, entropy
     )
 
 
 @_logprobs_bwd.register_fake
-def _(grad_logp, logits, target_ids, lse, inv_temperature, backend, grad_scale):
+def _(grad_logp, logits, target_ids, lse, inv_temperature, backend, grad_scale, grad_entropy, entropy):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op(f"{_LIB}::logprobs_bwd_inplace", mutates_args=("logits",))
 def _logprobs_bwd_inplace(
     logits: Tensor, grad_logp: Tensor, target_ids: Tensor, lse: Tensor, inv_temperature: float, backend: str,
-    grad_scale: Optional[Tensor],
+    grad_scale: Optional[Tensor], grad_entropy: Optional[Tensor], entropy: Optional[Tensor],
 ) -> None:
-    backends.get(backend).logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, True, grad_scale)
+    backends.get(backend).logprobs_backward(
+        grad_logp, logits, target_ids, lse, inv_temperature, True, grad_scale, grad_entropy, entropy
+    )
 
 
 @_logprobs_bwd_inplace.register_fake
-def _(logits, grad_logp, target_ids, lse, inv_temperature, backend, grad_scale):
+def _(logits, grad_logp, target_ids, lse, inv_temperature, backend, grad_scale, grad_entropy, entropy):
     return None
 
 
-def _logprobs_grad(grad_logp, logits, target_ids, lse, inv_temperature, backend, inplace, grad_scale=None):
-    """``d loss / d logits`` from ``grad_logp [B, T]``: a new tensor, or the logits overwritten."""
+def _logprobs_grad(grad_logp, logits, target_ids, lse, inv_temperature, backend, inplace, grad_scale=None,
+                   grad_entropy=None, entropy=None):
+    """``d loss / d logits`` from ``grad_logp [B, T]`` (and ``grad_entropy [B, T]`` with the
+    forward's ``entropy``): a new tensor, or the logits overwritten."""
+    args = (target_ids, lse, inv_temperature, backend, grad_scale, grad_entropy, entropy)
     if inplace:
-        _logprobs_bwd_inplace(logits, grad_logp, target_ids, lse, inv_temperature, backend, grad_scale)
+        _logprobs_bwd_inplace(logits, grad_logp, *args)
         return logits
-    return _logprobs_bwd(grad_logp, logits, target_ids, lse, inv_temperature, backend, grad_scale)
+    return _logprobs_bwd(grad_logp, logits, *args)
 
 
 def _logprobs_setup(ctx, inputs, output):
-    logits, target_ids, inv_temperature, backend, inplace_backward = inputs
-    ctx.save_for_backward(logits, target_ids, output[1])
-    ctx.inv_temperature, ctx.backend, ctx.inplace = inv_temperature, backend, inplace_backward
+    logits, target_ids, inv_temperature, backend, inplace_backward, entropy = inputs
+    ctx.save_for_backward(logits, target_ids, output[1], output[2])
+    ctx.inv_temperature, ctx.backend, ctx.inplace, ctx.entropy = inv_temperature, backend, inplace_backward, entropy
     ctx.mark_non_differentiable(output[1])
+    # Unused outputs give None, not zeros: an entropy nobody differentiates costs nothing.
+    ctx.set_materialize_grads(False)
 
 
-def _logprobs_backward(ctx, grad_logp, _grad_lse):
-    logits, target_ids, lse = ctx.saved_tensors
-    grad_logp = grad_logp.to(lse.dtype).contiguous()
-    grad = _logprobs_grad(grad_logp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend, ctx.inplace)
-    return grad, None, None, None, None
+def _logprobs_backward(ctx, grad_logp, _grad_lse, grad_entropy):
+    logits, target_ids, lse, ent = ctx.saved_tensors
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None, None, None
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+    grad = _logprobs_grad(grad_logp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend, ctx.inplace,
+                          None, grad_entropy, ent if grad_entropy is not None else None)
+    return grad, None, None, None, None, None
 
 
 _logprobs_fwd.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
 
 
-def token_logprobs(logits: Tensor, target_ids: Tensor, options: LensOptions) -> Tensor:
-    """Differentiable ``[B, T]`` log-probs through ``options.backend`` (arguments checked)."""
-    logp, _ = _logprobs_fwd(
-        logits, target_ids, options.inv_temperature, options.backend, options.inplace_backward
+def token_logprobs(
+    logits: Tensor, target_ids: Tensor, options: LensOptions, entropy: bool = False
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Differentiable ``(logp, ent)`` through ``options.backend`` (arguments checked):
+    ``[B, T, V] -> [B, T]``, or packed ``[N, V] -> [N]`` (run as ``[1, N, V]``); ``ent`` (the
+    entropy of the softmax, differentiable too) is None unless ``entropy``."""
+    packed = logits.dim() == 2
+    if packed:
+        logits, target_ids = logits.unsqueeze(0), target_ids.unsqueeze(0)
+    logp, _, ent = _logprobs_fwd(
+        logits, target_ids, options.inv_temperature, options.backend, options.inplace_backward, entropy
     )
-    return logp
+    if packed:
+        logp, ent = logp.squeeze(0), ent.squeeze(0) if entropy else ent
+    return logp, ent if entropy else None
 
 
 # ---- the whole loss on a GPU backend ------------------------------------------------------

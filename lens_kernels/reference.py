@@ -20,6 +20,7 @@ from .groups import GroupLayout
 
 __all__ = [
     "token_logprobs",
+    "token_entropy",
     "sequence_confidence",
     "group_difficulty",
     "calibrated_rewards",
@@ -39,15 +40,32 @@ def token_logprobs(
     target_ids: torch.Tensor,
     temperature: float = 1.0,
     compute_dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Step 1: ``log softmax(logits / tau)[target]``.  ``[B, T, V] -> [B, T]``.  Ids outside
-    ``[0, V)`` (allowed at masked-out positions, e.g. the -100 label) are clamped: whatever
-    they give there is selected away by every later step.  Written ``z[target] - logsumexp(z)``
-    (not ``log_softmax``, which is NaN over a whole row holding +inf): a +inf logit elsewhere in
-    the row gives -inf, as the fused backends do."""
+    return_entropy: bool = False,
+):
+    """Step 1: ``log softmax(logits / tau)[target]``.  ``[B, T, V] -> [B, T]``, or packed
+    ``[N, V] -> [N]``.  Ids outside ``[0, V)`` (allowed at masked-out positions, e.g. the -100
+    label) are clamped: whatever they give there is selected away by every later step.  Written
+    ``z[target] - logsumexp(z)`` (not ``log_softmax``, which is NaN over a whole row holding
+    +inf): a +inf logit elsewhere in the row gives -inf, as the fused backends do.
+
+    ``return_entropy=True`` returns ``(logp, entropy)``, ``entropy = -sum_v p_v log p_v`` of
+    ``p = softmax(logits / tau)`` per position (:func:`token_entropy`)."""
     z = logits.to(compute_dtype) / temperature
     ids = target_ids.clamp(0, logits.shape[-1] - 1)
-    return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+    lse = z.logsumexp(-1)
+    logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    if not return_entropy:
+        return logp
+    return logp, token_entropy(z, lse)
+
+
+def token_entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``-sum_v p_v log p_v`` over the last axis, ``p = exp(z - lse)``: ``[..., V] -> [...]``.
+    Entries with ``p_v = 0`` (``-inf`` logits, underflow) add exactly 0, to the value and to
+    the gradient (``0 * log 0`` is never formed), so ``d H / d z_v = -p_v (log p_v + H)``."""
+    log_p = z - lse.unsqueeze(-1)
+    p = log_p.exp()
+    return -(p * torch.where(p > 0, log_p, 0)).sum(-1)
 
 
 def sequence_stats(old: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

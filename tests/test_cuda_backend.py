@@ -141,7 +141,7 @@ def test_logprobs_forward(device, dtype, layout, vocab):
     temperature = 0.7
     logits = make_logits(layout, dtype, (3, 5, vocab), device)
     target = torch.randint(0, vocab, (3, 5), device=device)
-    logp, lse = cuda_backend.logprobs_forward(logits, target, 1 / temperature)
+    logp, lse, _ = cuda_backend.logprobs_forward(logits, target, 1 / temperature)
     assert logp.dtype == lse.dtype == torch.float32 and logp.is_contiguous() and lse.is_contiguous()
     gold, gold_lse, native, native_lse = reference_logprobs(logits, target, temperature, dtype)
     check("logp", logp, gold, native, dtype)
@@ -155,7 +155,7 @@ def test_logprobs_backward(device, dtype, layout, inplace):
     temperature, shape = 1.3, (2, 4, 1003)
     logits = make_logits(layout, dtype, shape, device, seed=1)
     target = torch.randint(0, shape[2], shape[:2], device=device)
-    _, lse = cuda_backend.logprobs_forward(logits, target, 1 / temperature)
+    _, lse, _ = cuda_backend.logprobs_forward(logits, target, 1 / temperature)
     grad_logp = torch.randn(shape[:2], device=device)
     grad_logp[1, 2] = 0.0  # this row's logits are never read: NaN there must not matter
     gold = reference_grad(logits, target, temperature, grad_logp, torch.float64)
@@ -182,7 +182,7 @@ def test_non_finite_logits_poison_only_their_row(device):
     target = torch.zeros((2, 3), dtype=torch.int64, device=device)
     logits[0, 1, 500] = float("nan")
     logits[1, 2, 7] = float("inf")
-    logp, lse = cuda_backend.logprobs_forward(logits, target, 1.0)
+    logp, lse, _ = cuda_backend.logprobs_forward(logits, target, 1.0)
     bad = torch.zeros((2, 3), dtype=torch.bool, device=device)
     bad[0, 1] = bad[1, 2] = True
     assert torch.equal(~torch.isfinite(logp), bad)
@@ -201,7 +201,7 @@ def test_gpu_offsets_beyond_int32(gpu):
     full = torch.empty((1, length + 1, vocab), dtype=torch.bfloat16, device=device).normal_(0, 3)
     logits = full[:, :-1]
     target = torch.randint(0, vocab, (1, length), device=device)
-    logp, lse = cuda_backend.logprobs_forward(logits, target, 1.0)
+    logp, lse, _ = cuda_backend.logprobs_forward(logits, target, 1.0)
     grad_logp = torch.zeros((1, length), device=device)
     grad_logp[0, -3:] = torch.randn(3, device=device)
     grad = cuda_backend.logprobs_backward(grad_logp, logits, target, lse, 1.0, False)
@@ -222,7 +222,7 @@ def test_gpu_long_sequences_and_large_vocabularies(gpu, vocab):
     length = 65536 + 3 if vocab == 17 else 64
     logits = make_logits("shifted", torch.float32, (2, length, vocab), device, seed=3)
     target = torch.randint(0, vocab, (2, length), device=device)
-    logp, lse = cuda_backend.logprobs_forward(logits, target, 1.0)
+    logp, lse, _ = cuda_backend.logprobs_forward(logits, target, 1.0)
     gold, gold_lse, _, _ = reference_logprobs(logits, target, 1.0, torch.float32)
     check("logp", logp, gold, None, torch.float32)
     check("lse", lse, gold_lse, None, torch.float32)
@@ -237,10 +237,10 @@ def test_gpu_is_available_and_streams(gpu):
     assert cuda_backend.is_available(device) and not cuda_backend.is_available(torch.device("cpu"))
     logits = make_logits("contiguous", torch.bfloat16, (4, 8, 1003), device)
     target = torch.randint(0, 1003, (4, 8), device=device)
-    expected, _ = cuda_backend.logprobs_forward(logits, target, 1.0)
+    expected, _, _ = cuda_backend.logprobs_forward(logits, target, 1.0)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        logp, _ = cuda_backend.logprobs_forward(logits, target, 1.0)
+        logp, _, _ = cuda_backend.logprobs_forward(logits, target, 1.0)
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(logp, expected)

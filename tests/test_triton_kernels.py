@@ -99,7 +99,7 @@ def test_logprobs_forward_and_backward(case):
     logits, target_ids = make_logits(batch, length, vocab, dtype, layout)
     before = logits.clone()
 
-    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0 / temperature)
+    logp, lse, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0 / temperature)
     leaf, gold_logp, gold_lse = gold_logprobs(logits, target_ids, temperature)
     assert logp.dtype == lse.dtype == torch.float32 and logp.is_contiguous()
     assert_close("logp", logp, gold_logp)
@@ -120,7 +120,7 @@ def test_inplace_backward_writes_through_strided_view(dtype):
     logits, target_ids = make_logits(2, 4, 1000, dtype, "shifted")
     full = logits._base if logits._base is not None else logits
     last_position = full[:, -1].clone()
-    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    logp, lse, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0)
     leaf, gold_logp, _ = gold_logprobs(logits, target_ids, 1.0)
     grad_logp = torch.randn(2, 4, device=DEVICE)
     (gold_grad,) = torch.autograd.grad(gold_logp, leaf, grad_logp.double())
@@ -134,7 +134,7 @@ def test_inplace_backward_writes_through_strided_view(dtype):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf - inf
 def test_zero_gradient_rows_ignore_non_finite_logits():
     logits, target_ids = make_logits(2, 3, 1000, torch.float32, "contiguous")
-    clean_logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    clean_logp, lse, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0)
     logits[1, 2] = float("nan")
     logits[0, 0, :10] = float("inf")
     grad_logp = torch.ones(2, 3, device=DEVICE)
@@ -142,7 +142,7 @@ def test_zero_gradient_rows_ignore_non_finite_logits():
     grad = triton_backend.logprobs_backward(grad_logp, logits, target_ids, lse, 1.0, False)
     assert torch.count_nonzero(grad[1, 2]) == 0 and torch.count_nonzero(grad[0, 0]) == 0
     assert torch.isfinite(grad).all()
-    logp, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    logp, _, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0)
     assert torch.isnan(logp[1, 2]) and torch.equal(logp[0, 1:], clean_logp[0, 1:])
 
 
@@ -175,7 +175,7 @@ def _rows_gold(logits, target_ids, rows):
 @needs_cuda
 def test_gpu_qwen_vocabulary_bf16():
     logits, target_ids = make_logits(2, 3, 151936, torch.bfloat16, "shifted")
-    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    logp, lse, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0)
     leaf, gold_logp, gold_lse = gold_logprobs(logits, target_ids, 1.0)
     assert_close("logp", logp, gold_logp)
     assert_close("lse", lse, gold_lse)
@@ -192,7 +192,7 @@ def test_gpu_offsets_beyond_int32():
     assert batch * length * vocab >= 2**31
     logits = torch.randn(batch, length, vocab, device=DEVICE, dtype=torch.bfloat16)
     target_ids = torch.randint(0, vocab, (batch, length), device=DEVICE)
-    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    logp, lse, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0)
     rows = torch.tensor([0, 1, length - 2, length - 1], device=DEVICE)
     gold_logp, gold_grad = _rows_gold(logits, target_ids, rows)
     assert_close("logp (first and last rows)", logp.reshape(-1)[rows], gold_logp)
@@ -204,7 +204,7 @@ def test_gpu_offsets_beyond_int32():
 @needs_cuda
 def test_gpu_long_sequence():
     logits, target_ids = make_logits(2, 65536, 96, torch.float32, "shifted")
-    logp, lse = triton_backend.logprobs_forward(logits, target_ids, 1.0)
+    logp, lse, _ = triton_backend.logprobs_forward(logits, target_ids, 1.0)
     leaf, gold_logp, _ = gold_logprobs(logits, target_ids, 1.0)
     assert_close("logp", logp, gold_logp)
     grad_logp = torch.randn(2, 65536, device=DEVICE)

@@ -82,7 +82,7 @@ def two_pass(
 ) -> KernelLoss:
     """On-policy LENS: log-probs first, then the calibration they feed, then the surrogate."""
     backend = get(options.backend)
-    logp, lse = backend.logprobs_forward(logits, target_ids, options.inv_temperature, live)
+    logp, lse, _ = backend.logprobs_forward(logits, target_ids, options.inv_temperature, live)
     cal = calibrate(logp, live, rewards, groups, options)
     dlogp, parts = backend.token_loss(logp, None, live, ref, cal.advantages, cal.scratch[WEIGHT_ROW], options)
     loss, clip, kl = finalize(parts, cal.totals, ref is not None)

@@ -1,7 +1,8 @@
 """Torch backend: the vocabulary pass in row chunks, the epilogue from ``reference``.
 
-Works on any device.  The forward keeps ``[B, T]`` fp32 log-probs and logsumexps; the
-backward recomputes the softmax chunk by chunk from the saved logsumexp.  Temporaries are
+Works on any device.  The forward keeps ``[B, T]`` fp32 log-probs and logsumexps (and
+entropies when asked); the backward recomputes the softmax chunk by chunk from the saved
+logsumexp.  Temporaries are
 bounded by ``CHUNK_BYTES`` whatever the problem size.  The epilogue runs
 :func:`lens_kernels.reference.epilogue` in float64 and takes ``d loss / d logp`` from autograd,
 so its formulas are the reference's own.
@@ -13,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 
 from .. import reference
-from ..config import EpilogueResult, LensOptions
+from ..config import EpilogueResult, LensOptions, split_float
 from ..groups import GroupLayout
 
 # Bound on the fp32 temporaries of one chunk (about three [rows, V] fp32 buffers live at once).
@@ -41,9 +42,16 @@ def _chunks(batch: int, length: int, vocab: int) -> Iterator[tuple[slice, slice]
 
 
 def _scaled(chunk: torch.Tensor, dtype: torch.dtype, inv_temperature: float) -> torch.Tensor:
-    """``chunk * inv_temperature`` in ``dtype``; the chunk itself (no copy) when that is it."""
+    """``z = chunk / temperature`` in ``dtype``; the chunk itself (no copy) when that is it.
+    fp32: ``chunk * hi + chunk * lo`` with ``(hi, lo)`` the fp32 parts of ``1 / temperature``
+    (``x * fp32(1 / t)`` would bias every log-prob the same way); float64: ``chunk * (1 / t)``."""
     chunk = chunk.to(dtype)
-    return chunk if inv_temperature == 1.0 else chunk * inv_temperature
+    if inv_temperature == 1.0:
+        return chunk
+    if dtype == torch.float64:
+        return chunk * inv_temperature
+    hi, lo = split_float(inv_temperature)
+    return torch.mul(chunk, hi).add_(chunk, alpha=lo)
 
 
 def _ids(target_ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -52,34 +60,64 @@ def _ids(target_ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return target_ids.clamp(0, vocab - 1).unsqueeze(-1)
 
 
-def logprobs_forward(logits, target_ids, inv_temperature):
+def _entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``-sum_v p_v log p_v`` of one chunk, ``p = exp(z - lse)``, in two chunk-sized buffers;
+    ``p_v = 0`` (``-inf`` logits) adds exactly 0."""
+    log_p = z - lse.unsqueeze(-1)
+    p = torch.exp(log_p)
+    log_p.masked_fill_(p == 0, 0)
+    return -p.mul_(log_p).sum(-1)
+
+
+def logprobs_forward(logits, target_ids, inv_temperature, live=None, entropy=False):
+    """``(logp, lse, ent)`` ``[B, T]`` (contract in ``backends/__init__.py``), chunk by chunk;
+    ``ent`` None unless ``entropy``; 0 where ``live`` is False (those rows are still read)."""
     batch, length, vocab = logits.shape
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = logits.new_empty((batch, length), dtype=work)
     lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if entropy else None
     for rows, cols in _chunks(batch, length, vocab):
         z = _scaled(logits[rows, cols], work, inv_temperature)
         lse[rows, cols] = torch.logsumexp(z, -1)
         logp[rows, cols] = z.gather(-1, _ids(target_ids[rows, cols], vocab)).squeeze(-1) - lse[rows, cols]
-    return logp, lse
+        if entropy:
+            ent[rows, cols] = _entropy(z, lse[rows, cols])
+    if live is not None:
+        logp, lse = logp.masked_fill_(~live, 0), lse.masked_fill_(~live, 0)
+        ent = None if ent is None else ent.masked_fill_(~live, 0)
+    return logp, lse, ent
 
 
-def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace, grad_scale=None):
+def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace, grad_scale=None,
+                      grad_entropy=None, entropy=None):
+    """``d / d logits`` of ``grad_logp . logp + grad_entropy . ent`` (contract in
+    ``backends/__init__.py``), chunk by chunk from the saved ``lse`` (and ``entropy``)."""
     batch, length, vocab = logits.shape
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if grad_scale is not None:
         grad_logp = grad_logp * grad_scale
+        grad_entropy = None if grad_entropy is None else grad_entropy * grad_scale
     for rows, cols in _chunks(batch, length, vocab):
         scale = (grad_logp[rows, cols] * inv_temperature).unsqueeze(-1)
         z = _scaled(logits[rows, cols], lse.dtype, inv_temperature)
         out = grad[rows, cols]
         # Work in the gradient's own storage where its dtype allows (fp32 logits, or in place
-        # over them): no temporary of the chunk's size at all.
+        # over them): no temporary of the chunk's size at all on the log-prob-only path.
         chunk = out if out.dtype == lse.dtype and out.is_contiguous() else torch.empty_like(z)
-        torch.sub(z, lse[rows, cols].unsqueeze(-1), out=chunk)
-        chunk.exp_().mul_(-scale)
+        torch.sub(z, lse[rows, cols].unsqueeze(-1), out=chunk)  # log p
+        idle = scale == 0
+        if grad_entropy is None:
+            chunk.exp_().mul_(-scale)
+        else:
+            # -p * (scale + scale_h * (log p + H)), 0 where p == 0 (never 0 * -inf)
+            scale_h = (grad_entropy[rows, cols] * inv_temperature).unsqueeze(-1)
+            p = torch.exp(chunk)
+            chunk.add_(entropy[rows, cols].unsqueeze(-1)).mul_(scale_h).add_(scale).mul_(p).neg_()
+            chunk.masked_fill_(p == 0, 0)
+            idle = idle & (scale_h == 0)
         chunk.scatter_add_(-1, _ids(target_ids[rows, cols], vocab), scale)
-        chunk.masked_fill_(scale == 0, 0)
+        chunk.masked_fill_(idle, 0)
         if chunk is not out:
             out.copy_(chunk)
     return grad

@@ -60,10 +60,13 @@ def _config(options: LensOptions, has_ref: bool) -> library.SurrogateConfig:
 
 
 def logprobs_forward(
-    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(logp, lse)``, both ``[B, T]`` fp32: one block per row, logits read once; rows where
     ``live`` (bool ``[B, T]``) is 0 are not read and get 0."""
+    if entropy:
+        raise NotImplementedError("entropy: not yet in the CUDA kernel")
     batch, length, vocab = logits.shape
     _require("target_ids", target_ids, torch.int64, contiguous=False)
     logp = torch.empty((batch, length), dtype=torch.float32, device=logits.device)
@@ -75,7 +78,7 @@ def logprobs_forward(
             float(inv_temperature), logp.data_ptr(), lse.data_ptr(), _stream(logits),
         )
     library.check(code, "logprobs_forward")
-    return logp, lse
+    return logp, lse, None
 
 
 def logprobs_backward(
@@ -86,9 +89,13 @@ def logprobs_backward(
     inv_temperature: float,
     inplace: bool,
     grad_scale: Optional[torch.Tensor] = None,
+    grad_entropy: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """d loss / d logits in ``logits.dtype`` (``grad_logp * grad_scale``, the 0-dim scale read
     on the device): a new contiguous tensor, or ``logits`` itself overwritten when ``inplace``."""
+    if grad_entropy is not None:
+        raise NotImplementedError("entropy: not yet in the CUDA kernel")
     batch, length, vocab = logits.shape
     _require("grad_logp", grad_logp, torch.float32)
     _require("target_ids", target_ids, torch.int64, contiguous=False)

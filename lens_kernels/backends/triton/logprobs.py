@@ -150,17 +150,20 @@ def check_layout(logits: torch.Tensor, target_ids: torch.Tensor) -> None:
 
 
 def logprobs_forward(
-    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(logp, lse)``, both ``[B, T]`` fp32 contiguous, for ``z = logits * inv_temperature``;
     rows where ``live [B, T]`` (bool, any strides) is 0 are not read and get 0."""
     check_layout(logits, target_ids)
+    if entropy:
+        raise NotImplementedError("entropy: not yet in the Triton kernel")
     batch, seq, vocab = logits.shape
     logp = torch.empty((batch, seq), device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     rows = batch * seq
     if rows == 0:
-        return logp, lse
+        return logp, lse, None
     block_v, num_warps = launch_shape(vocab, logits.element_size())
     _logprobs_fwd_kernel[(rows,)](
         logits, target_ids, logp if live is None else live, logp, lse,
@@ -173,7 +176,7 @@ def logprobs_forward(
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
-    return logp, lse
+    return logp, lse, None
 
 
 def logprobs_backward(
@@ -184,11 +187,15 @@ def logprobs_backward(
     inv_temperature: float,
     inplace: bool,
     grad_scale: Optional[torch.Tensor] = None,
+    grad_entropy: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``grad_logp * grad_scale * inv_t * (onehot - softmax(z))`` in ``logits.dtype`` (``grad_scale``
     a 0-dim tensor read on the device, or None for 1): a new contiguous tensor, or
     (``inplace=True``) written over ``logits`` itself, which is returned."""
     check_layout(logits, target_ids)
+    if grad_entropy is not None:
+        raise NotImplementedError("entropy: not yet in the Triton kernel")
     assert grad_logp.shape == logits.shape[:2] and grad_logp.dtype == torch.float32
     assert lse.shape == logits.shape[:2] and lse.dtype == torch.float32
     grad_logp = grad_logp.contiguous()
