@@ -7,8 +7,8 @@ the online logsumexp, takes the target logit, computes the ratio, the clip decis
 token's loss terms (float64), then sweeps the row again to write ``coef * (onehot - p)`` in
 the gradient's dtype, into a new buffer or over the logits themselves (the second sweep of a
 row mostly hits L2).  A zero coefficient (zero advantage, a clipped token) writes zeros
-without the second read.  Addressing is 64-bit and ``T`` is not specialised, as in
-``logprobs.py``.
+without the second read.  Addressing is 64-bit, ``T`` is not specialised and the temperature is
+unbiased (``scale``), as in ``logprobs.py``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ...config import LensOptions
-from .logprobs import check_layout, launch_shape, row_logprob, write_row_grad
+from .logprobs import check_layout, launch_shape, row_logprob, temperature_args, write_row_grad
 from .token_math import surrogate_args, token_terms
 
 
@@ -34,9 +34,9 @@ def _fused_loss_kernel(
     stride_rb, stride_rt,
     stride_adv,
     stride_gb, stride_gt, stride_gv,
-    inv_t,
+    inv_t_hi, inv_t_lo,
     clip_low: tl.float64, clip_high: tl.float64, clip_ratio_c: tl.float64, beta: tl.float64,
-    HAS_OLD: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    SCALE: tl.constexpr, HAS_OLD: tl.constexpr, WRITE_GRAD: tl.constexpr,
     DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -48,7 +48,7 @@ def _fused_loss_kernel(
     if live:
         row_ptr = logits_ptr + b * stride_b + t * stride_t
         target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
-        logp, lse = row_logprob(row_ptr, target, V, stride_v, inv_t, BLOCK_V)
+        logp, lse, _ = row_logprob(row_ptr, target, V, stride_v, inv_t_hi, inv_t_lo, SCALE, BLOCK_V, False)
         logp64 = logp.to(tl.float64)
         if HAS_OLD:
             old = tl.load(old_ptr + b * stride_ob + t * stride_ot).to(tl.float64)
@@ -67,15 +67,17 @@ def _fused_loss_kernel(
         tl.store(parts_ptr + N + row, clipped)
         tl.store(parts_ptr + 2 * N + row, k3)
         if WRITE_GRAD:
-            coef = (weight * d_loss).to(tl.float32) * inv_t
-            write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, lse, inv_t, BLOCK_V)
+            coef = (weight * d_loss).to(tl.float32) * (inv_t_hi + inv_t_lo)
+            write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, 0.0, lse, 0.0,
+                           inv_t_hi, inv_t_lo, SCALE, BLOCK_V, False)
     else:
         tl.store(logp_ptr + row, 0.0)
         tl.store(parts_ptr + row, 0.0)
         tl.store(parts_ptr + N + row, 0.0)
         tl.store(parts_ptr + 2 * N + row, 0.0)
         if WRITE_GRAD:
-            write_row_grad(logits_ptr, grad_row_ptr, 0, V, stride_v, stride_gv, 0.0, 0.0, inv_t, BLOCK_V)
+            write_row_grad(logits_ptr, grad_row_ptr, 0, V, stride_v, stride_gv, 0.0, 0.0, 0.0, 0.0,
+                           inv_t_hi, inv_t_lo, SCALE, BLOCK_V, False)
 
 
 def fused_loss(
@@ -104,6 +106,7 @@ def fused_loss(
         return logp, parts
     block_v, num_warps = launch_shape(vocab, logits.element_size())
     scalars, flags = surrogate_args(options, ref is not None)
+    hi, lo, scale_mode = temperature_args(options.inv_temperature)
     none2 = (0, 0)
     _fused_loss_kernel[(rows,)](
         logits, target_ids, live, logp if old is None else old, logp if ref is None else ref,
@@ -116,9 +119,9 @@ def fused_loss(
         *(none2 if ref is None else ref.stride()),
         advantages.stride(0),
         *((0, 0, 0) if grad is None else grad.stride()),
-        float(options.inv_temperature),
+        hi, lo,
         *scalars,
-        HAS_OLD=old is not None, WRITE_GRAD=grad is not None, **flags,
+        SCALE=scale_mode, HAS_OLD=old is not None, WRITE_GRAD=grad is not None, **flags,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
