@@ -8,6 +8,7 @@ unrecognised verl.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import lens_kernels as lk
+from tests.tolerances import check
 
 
 def _import_verl():
@@ -111,9 +113,13 @@ def test_external_plugins_none_disables_plugin():
 
 
 def test_plugin_wraps_compute_advantage_where_verl_binds_it():
+    from verl.models.transformers import monkey_patch
+    from verl.utils.experimental import torch_functional
+
     assert verl.__version__ in lens_verl._verl_compat.RECOGNISED_VERSIONS
     assert lens_verl._verl_compat.is_recognised()
-    for fn in (ray_trainer.compute_advantage, v1_utils.compute_advantage):
+    for fn in (ray_trainer.compute_advantage, v1_utils.compute_advantage, monkey_patch.patch_forward_with_backends,
+               torch_functional.FusedLinearForPPO):
         assert getattr(fn, "_lens_wrapped", False), fn
 
 
@@ -195,11 +201,14 @@ def verl_trainer_config(*overrides: str):
         return compose("ppo_trainer", overrides=list(overrides))
 
 
-def test_hydra_command_line_options_reach_the_estimator():
+def test_hydra_command_line_options_reach_verl():
     config = verl_trainer_config("algorithm.adv_estimator=lens", "+algorithm.lens.alpha=0.5",
-                                 "+algorithm.lens.length_gamma=0.9")
+                                 "+algorithm.lens.length_gamma=0.9", "actor_rollout_ref.model.use_fused_kernels=True",
+                                 "actor_rollout_ref.model.fused_kernel_options.impl_backend=lens")
     options = lens_verl.lens_options(config.algorithm)
     assert (options["alpha"], options["length_gamma"], options["mode"]) == (0.5, 0.9, "lens")
+    model = config.actor_rollout_ref.model  # what the FSDP engine reads to patch the actor and the reference
+    assert model.use_fused_kernels and model.fused_kernel_options.impl_backend == "lens"
 
 
 def test_filter_groups_with_lens_fails_at_start_up():
@@ -249,11 +258,140 @@ def test_unrecognised_verl_warns_and_refuses():
             error = ""
         except RuntimeError as exc:
             error = str(exc)
+        from verl.models.transformers import monkey_patch
+        from verl.utils.experimental import torch_functional
+        try:
+            torch_functional.FusedLinearForPPO(impl_backend="lens")
+            fused_error = ""
+        except ValueError as exc:
+            fused_error = str(exc)
+        wrapped = [getattr(f, "_lens_wrapped", False) for f in (ray_trainer.compute_advantage,
+                   monkey_patch.patch_forward_with_backends, torch_functional.FusedLinearForPPO)]
         print(json.dumps({"warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
-                          "registered": sys_path_loaded,
-                          "wrapped": getattr(ray_trainer.compute_advantage, "_lens_wrapped", False),
-                          "error": error}))
+                          "registered": sys_path_loaded, "wrapped": wrapped, "error": error,
+                          "fused_error": fused_error}))
     """, VERL_USE_EXTERNAL_PLUGINS="none")
-    assert report["registered"] and not report["wrapped"]
-    assert any("verl 0.99.0 is not a release this plugin recognises" in w for w in report["warnings"]), report
+    assert report["registered"] and report["wrapped"] == [False, False, False], report
+    assert any("verl 0.99.0 is not a release this plugin recognises" in w and "impl_backend=lens" in w
+               for w in report["warnings"]), report
     assert "refusing to compute LENS without the sampling policy's confidences" in report["error"], report
+    assert "Unsupported FusedLinearForPPO backend: lens" in report["fused_error"], report  # verl's own check
+
+
+# --- impl_backend=lens: verl's fused actor/reference forward ------------------------------------
+
+VOCAB = 1000  # not a multiple of any block size
+LENGTHS = [5, 11, 2, 8]  # ragged sequences (prompt + response), as verl's nested micro-batches hold them
+
+
+def tiny_model(kind: str):
+    """A random 2-layer Qwen2 (untied lm_head) or Llama (lm_head tied to the embedding), fp32, sdpa."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls, tied = {"qwen2": (Qwen2Config, Qwen2ForCausalLM, False),
+                                   "llama": (LlamaConfig, LlamaForCausalLM, True)}[kind]
+    config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        tie_word_embeddings=tied, attn_implementation="sdpa")
+    torch.manual_seed(1)
+    return model_cls(config).float()
+
+
+def engine_micro_batch(remove_padding: bool, temperature: float):
+    """The TensorDict that verl's FSDP engine hands to ``forward_step``: nested (jagged) input and
+    position ids plus the flags its workers assign."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    gen = torch.Generator().manual_seed(2)
+    ids = [torch.randint(0, VOCAB, (n,), generator=gen) for n in LENGTHS]
+    batch = TensorDict({"input_ids": torch.nested.as_nested_tensor(ids, layout=torch.jagged),
+                        "position_ids": torch.nested.as_nested_tensor([torch.arange(n) for n in LENGTHS],
+                                                                       layout=torch.jagged)},
+                       batch_size=[len(ids)])
+    tu.assign_non_tensor(batch, temperature=temperature, use_remove_padding=remove_padding, use_fused_kernels=True,
+                         calculate_entropy=True)
+    return batch
+
+
+def engine_forward(model, micro_batch):
+    """verl's ``FSDPEngineWithLMHead.forward_step`` on the CPU, without FSDP and autocast: its own
+    ``prepare_model_inputs`` (packing or padding), the patched model forward, its own
+    ``prepare_model_outputs`` (unpadding) -> packed ``(log_probs [N], entropy [N])``."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    engine = object.__new__(FSDPEngineWithLMHead)  # no process group: only the attributes these methods read
+    engine.pad_to_length, engine.use_ulysses_sp = False, False
+    inputs, output_args = engine.prepare_model_inputs(micro_batch)
+    output = model(**inputs, use_cache=False)
+    result = engine.prepare_model_outputs(output, output_args, micro_batch, None)
+    return result["log_probs"].values(), result["entropy"].values()
+
+
+@pytest.mark.parametrize("kind, remove_padding, temperature", [
+    ("qwen2", True, 0.7), ("qwen2", False, 1.0), ("llama", True, 1.3),
+], ids=["qwen2-remove-padding-t0.7", "qwen2-padded-t1", "llama-tied-remove-padding-t1.3"])
+def test_lens_fused_forward_equals_verl_torch_backend(kind, remove_padding, temperature):
+    """Log-probs, entropy and the gradient of every parameter of a loss using both (verl's
+    entropy_coeff) equal verl's impl_backend=torch, through verl's own patched forward."""
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+    base = tiny_model(kind)
+    results = {}
+    for backend in ("torch", "lens"):
+        model = copy.deepcopy(base)
+        apply_monkey_patch(model, use_remove_padding=remove_padding, use_fused_kernels=True,
+                           fused_kernels_backend=backend)
+        assert model._verl_fused_kernels_backend == backend
+        logp, entropy = engine_forward(model, engine_micro_batch(remove_padding, temperature))
+        weights = torch.rand(2, logp.numel(), generator=torch.Generator().manual_seed(3))
+        ((weights[0] * logp).sum() - 0.1 * (weights[1] * entropy).sum()).backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        with torch.no_grad():  # the reference / old-log-prob forward
+            no_grad = engine_forward(model, engine_micro_batch(remove_padding, temperature))
+        results[backend] = logp.detach(), entropy.detach(), grads, no_grad
+    logp, entropy, grads, no_grad = results["lens"]
+    gold_logp, gold_entropy, gold_grads, _ = results["torch"]
+    assert logp.shape == (sum(LENGTHS),) and logp.dtype == entropy.dtype == torch.float32
+    assert (entropy > 1.0).all() and (logp < -1.0).all()  # a near-uniform random model: nothing trivially 0
+    check("log_probs", logp, gold_logp, None, torch.float32)
+    check("entropy", entropy, gold_entropy, None, torch.float32)
+    check("no-grad log_probs", no_grad[0], gold_logp, None, torch.float32)
+    check("no-grad entropy", no_grad[1], gold_entropy, None, torch.float32)
+    assert grads.keys() == gold_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None and gold_grads[name] is not None and gold_grads[name].abs().max() > 0, name
+        check(f"grad {name}", grad, gold_grads[name], None, torch.float32)
+
+
+def test_lens_fused_call_under_autocast_casts_like_verl_matmul():
+    """verl's engine runs the forward under autocast: fp32 hidden states and weight go in as the
+    autocast dtype (as autocast casts verl's own ``hidden @ W.T``), fp32 gradients come back."""
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(VOCAB, 16, dtype=torch.bfloat16).float().requires_grad_()
+    ids = torch.randint(0, VOCAB, (3, 7), dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, entropy = FusedLinearForPPO(impl_backend="lens")(hidden, weight, ids, temperature=0.9)
+    expected = lk.fused_linear_token_logprobs(hidden.detach().bfloat16(), weight.detach().bfloat16(), ids.long(),
+                                              temperature=0.9, return_entropy=True)
+    assert torch.equal(logp, expected[0]) and torch.equal(entropy, expected[1])
+    (logp.sum() + entropy.sum()).backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32 and hidden.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="Unsupported FusedLinearForPPO backend: bogus"):
+        FusedLinearForPPO(impl_backend="bogus")  # verl's own check still runs for names that are not ours
+
+
+def test_lens_backend_refused_on_verl_0_9_0():
+    """verl 0.9.0 builds ``FusedLinearForPPO()`` with no backend: impl_backend=lens is refused by
+    name when the model is patched; verl's own backends pass through."""
+    from lens_kernels.integrations import verl_fused
+
+    (attr, wrap), = verl_fused.patches_for("0.9.0").values()
+    calls = []
+    patched = wrap(lambda model, use_fused_kernels=False, fused_kernels_backend=None: calls.append(fused_kernels_backend))
+    with pytest.raises(ValueError, match=r"fused_kernel_options\.impl_backend=lens: needs verl 0\.9\.1"):
+        patched(object(), use_fused_kernels=True, fused_kernels_backend="lens")
+    patched(object(), use_fused_kernels=True, fused_kernels_backend="torch")
+    assert attr == "patch_forward_with_backends" and calls == ["torch"]

@@ -11,9 +11,13 @@ estimator is a LENS one, the wrapper runs verl's own function unchanged while ex
 through. The modules are patched when they are imported (a ``sys.meta_path`` hook), so
 loading the plugin on ``import verl`` stays cheap.
 
+The same hook installs the ``impl_backend=lens`` fused forward of :mod:`.verl_fused` (its
+``PATCHES``) on the recognised releases.
+
 On a verl it does not recognise, nothing is wrapped: a loud ``RuntimeWarning`` (and a
-``logging`` warning) says so, and the estimators refuse to run unless verl itself passes
-``old_log_probs=`` or ``batch=`` (as verl PR #7473 would).
+``logging`` warning) says so, the estimators refuse to run unless verl itself passes
+``old_log_probs=`` or ``batch=`` (as verl PR #7473 would), and ``impl_backend=lens`` stays
+unknown to verl (its own fused backends are left alone).
 
 Independently of the version, verl's ``validate_config`` gains the ``filter_groups`` check so
 that the conflict is reported at start-up, before any rollout.
@@ -157,10 +161,12 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install(names: set, check_filter_groups: Callable[[Any], None]) -> None:
+def install(names: set, check_filter_groups: Callable[[Any], None], patches: Optional[dict] = None) -> None:
     """Wrap verl's functions for the estimators ``names`` (idempotent).
 
     ``check_filter_groups(algorithm_config)`` raises when filter_groups is on with LENS.
+    ``patches`` (``{module: (attribute, wrapper)}``, e.g. the fused forward's) are applied too,
+    on a recognised verl only.
     """
     version = verl_version()
     recognised = version in RECOGNISED_VERSIONS
@@ -169,12 +175,14 @@ def install(names: set, check_filter_groups: Callable[[Any], None]) -> None:
     targets = {VALIDATE_MODULE: ("validate_config", _wrap_validate_config)}
     if recognised:
         targets.update({m: ("compute_advantage", _wrap_compute_advantage) for m in COMPUTE_ADVANTAGE_MODULES})
+        targets.update(patches or {})
     elif first:
         message = (
             f"lens-kernels: verl {version} is not a release this plugin recognises ({', '.join(RECOGNISED_VERSIONS)}). "
             "It will NOT wrap verl's compute_advantage to pass old_log_probs to the LENS advantage estimators "
             f"({', '.join(sorted(names))}); they will refuse to run unless this verl passes old_log_probs= or "
-            "batch= to advantage estimators itself. Install a tested verl: pip install 'lens-kernels[verl]'."
+            "batch= to advantage estimators itself. Nor does it add fused_kernel_options.impl_backend=lens: "
+            "verl's own fused backends are left as they are. Install a tested verl: pip install 'lens-kernels[verl]'."
         )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         logger.warning(message)

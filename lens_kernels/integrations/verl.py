@@ -1,4 +1,5 @@
-"""LENS advantage estimators for verl (https://github.com/volcengine/verl).
+"""LENS advantage estimators, and the ``impl_backend=lens`` fused forward, for verl
+(https://github.com/volcengine/verl).
 
 Importing this module (verl does it on ``import verl`` through the ``verl.plugins`` entry point
 that ``lens-kernels`` installs) registers three advantage estimators with
@@ -16,6 +17,10 @@ verl 0.9.x calls a registered estimator with rewards, mask, config and uids only
 :mod:`lens_kernels.integrations._verl_compat` wraps verl's ``compute_advantage`` (in the
 releases it recognises) to hand the batch to these estimators. The estimators also accept
 ``old_log_probs=`` and ``batch=`` directly, so they keep working once verl passes them.
+
+On verl 0.9.1, ``actor_rollout_ref.model.fused_kernel_options.impl_backend=lens`` (with
+``use_fused_kernels=True``) makes verl's actor and reference forward compute log-probs and
+entropy with :func:`lens_kernels.fused_linear_token_logprobs`: see :mod:`.verl_fused`.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import lens_advantages_from_stats
-from . import _verl_compat
+from . import _verl_compat, verl_fused
 
 #: estimator name -> fixed LENS mode (``None``: ``algorithm.lens.mode``, default ``"lens"``)
 ESTIMATORS = {"lens": None, "lens-mixed-only": "lens-mixed-only", "lens-negative-only": "lens-negative-only"}
@@ -204,7 +209,7 @@ def register() -> None:
         if existing is not None and existing is not fn and getattr(existing, "__module__", None) == __name__:
             del ADV_ESTIMATOR_REGISTRY[name]  # a reload of this module replaces its own entries
         register_adv_est(name)(fn)  # raises if another package registered the same name
-    _verl_compat.install(set(ESTIMATORS), check_filter_groups)
+    _verl_compat.install(set(ESTIMATORS), check_filter_groups, verl_fused.patches_for(_verl_compat.verl_version()))
 
 
 register()
