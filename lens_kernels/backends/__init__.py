@@ -61,7 +61,13 @@ _MODULES = {
 
 def get(name: str) -> ModuleType:
     """The module implementing backend ``name`` (one of ``torch``, ``triton``, ``cuda``)."""
-    return importlib.import_module(_MODULES[name])
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
+
+
+_LOADED: dict[str, ModuleType] = {}  # get() once per call of the loss: no import machinery per call
 
 
 def is_available(name: str, device: torch.device | None = None) -> bool:

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ...config import LENGTH_GAMMA_MIN_GAP, LOSS_AGG_MODES, LensOptions
 from ...groups import GroupLayout
+from .launch import launch, next_power_of_2
 from .nan_math import nan_maximum
 
 # scratch rows ([4, B] float64) and batch scalars ([4] float64)
@@ -210,10 +211,11 @@ def calibrate(
     contiguous = groups is not None and groups.group_size > 0
     indexed = groups is not None and not contiguous
     max_size = groups.max_size if groups is not None else 1
-    block_g = triton.next_power_of_2(max(max_size, 1))
-    block_t = min(triton.next_power_of_2(max(length, 1)), 256)
+    block_g = next_power_of_2(max_size)
+    block_t = min(next_power_of_2(length), 256)
     gamma = options.length_gamma
-    _calibrate_kernel[(1,)](
+    launch(
+        _calibrate_kernel, (1,),
         old if old is not None else live, live, rewards,
         groups.order if indexed else live, groups.start if indexed else live, groups.size if indexed else live,
         scratch, totals, *out,

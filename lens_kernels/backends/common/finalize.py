@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .calibrate import TOKENS_C
+from .launch import launch
 
 _BLOCK = 1024
 
@@ -39,8 +40,8 @@ def finalize(parts: torch.Tensor, totals: torch.Tensor, has_ref: bool) -> tuple[
     device = parts.device
     loss, clip = torch.empty((), device=device), torch.empty((), device=device)
     kl = torch.empty((), device=device) if has_ref else None
-    _finalize_kernel[(1,)](
-        parts, totals, loss, clip, kl if has_ref else clip, parts.shape[1],
+    launch(
+        _finalize_kernel, (1,), parts, totals, loss, clip, kl if has_ref else clip, parts.shape[1],
         HAS_REF=has_ref, BLOCK=_BLOCK, num_warps=4,
     )
     return loss, clip, kl

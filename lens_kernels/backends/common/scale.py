@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch, next_power_of_2
+
 _BLOCK = 4096
 _PROGRAMS_PER_SM = 4
 
@@ -45,8 +47,8 @@ def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     rows = batch * length
     if rows == 0:
         return grad
-    _scale_rows_kernel[(min(rows, _programs(grad.device)),)](
-        grad, grad_output, rows, length, vocab, *grad.stride(),
-        BLOCK=min(triton.next_power_of_2(vocab), _BLOCK), num_warps=8,
+    launch(
+        _scale_rows_kernel, (min(rows, _programs(grad.device)),), grad, grad_output, rows, length, vocab, *grad.stride(),
+        BLOCK=min(next_power_of_2(vocab), _BLOCK), num_warps=8,
     )
     return grad

@@ -1,0 +1,110 @@
+"""The host-time benchmark (``lens_kernels.bench.host_time``) through the stand-in H100, and the
+fast launch path (``backends.common.launch``) against Triton's own.
+
+One subprocess (the stand-in replaces Triton's driver for good, and needs Triton without its
+interpreter): it runs the benchmark on a tiny shape, then runs one forward+backward of every
+case twice, through ``launch``'s fast path and through ``kernel[grid](...)``, recording what
+reaches Triton's C launcher.  No timing is asserted.  Needs gcc and Triton's ptxas (it
+compiles the kernels for sm_90, a few seconds with Triton's cache warm).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch
+    from lens_kernels.bench import host_time
+    from lens_kernels.backends.common import launch as fast
+
+    host_time.main(sys.argv[2:])  # activates the stand-in H100
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    records, hooks, taken = [], [], []
+    real_call, real_compiled = CudaLauncher.__call__, fast._compiled
+
+    def describe(arg):
+        if isinstance(arg, torch.Tensor):
+            return (str(arg.dtype), tuple(arg.shape), arg.stride(), arg.data_ptr() % 16)
+        return repr(arg)
+
+    def record(self, gx, gy, gz, stream, function, packed, metadata, enter, exit_, *args):
+        records.append([id(self), gx, gy, gz, stream, repr(packed), [describe(a) for a in args]])
+        hooks.append((enter is None or not enter.calls) and (exit_ is None or not exit_.calls))
+        return real_call(self, gx, gy, gz, stream, function, packed, metadata, enter, exit_, *args)
+
+    def compiled(*args):
+        found = real_compiled(*args)
+        taken.append(found is not None)
+        return found
+
+    CudaLauncher.__call__, fast._compiled = record, compiled
+    report = {}
+    for backend, mode, policy in host_time.CASES:
+        for misaligned in (False, True):
+            inputs = host_time.make_inputs(4, 8, 1000, 2, policy)
+            if misaligned:  # 4-byte offset: another specialization than the aligned tensor's
+                inputs["rewards"] = torch.rand(5)[1:]
+            step = host_time.make_step(inputs, backend, mode)
+            runs = {}
+            for flag in (False, True, True):  # Triton's path (compiles), then the fast one twice
+                fast._FAST = flag
+                records.clear(); taken.clear()
+                step()
+                runs[flag] = (list(records), list(taken))
+            report[f"{backend} {mode} {policy} misaligned={misaligned}"] = dict(
+                triton_path=runs[False][0], fast_path=runs[True][0], fast_taken=runs[True][1])
+    report["hooks_empty"] = all(hooks)
+    with open(sys.argv[1], "w") as out:
+        json.dump(report, out)
+''')
+
+
+@pytest.fixture(scope="module")
+def stand_in_run(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not found: the stand-in GPU builds a stub libcuda")
+    out = tmp_path_factory.mktemp("host_time")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["--batch", "4", "--length", "8", "--vocab", "1000", "--group-size", "2", "--calls", "3", "--repeats", "1",
+            "--warmup", "1", "--profile-calls", "2", "--label", "tiny", "--save", str(out / "host.json")]
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(out / "launches.json"), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / "host.json").read_text())["tiny"], json.loads((out / "launches.json").read_text()), out
+
+
+def test_benchmark_reports_every_case_through_sm90_kernels(stand_in_run):
+    run, _, out = stand_in_run
+    cases = {(r["backend"], r["mode"], r["policy"]): r for r in run["results"]}
+    assert len(cases) == 8
+    assert set(run["compiled"]) >= {"_calibrate_kernel", "_finalize_kernel", "_fused_loss_kernel", "_scale_rows_kernel"}
+    assert all(targets == ["cuda:90"] for targets in run["compiled"].values())
+    for (backend, mode, policy), r in cases.items():
+        assert r["cpu"]["median_us"] > 0 and len(r["wall"]["repeat_medians_us"]) == 1
+        # README: a forward+backward with check_values=False issues at most 6 device operations
+        assert 4 <= r["launches"] <= 6, (backend, mode, policy, r["kernels"])
+        two_pass = mode == "lens" and policy == "on"
+        fused = "lk_fused_loss" if backend == "cuda" else "_fused_loss_kernel"
+        assert (fused in r["kernels"]) != two_pass
+    assert set(run["profiles"]) == {"triton grpo off-policy", "triton lens on-policy"}
+    assert "ncalls" in run["profiles"]["triton grpo off-policy"]
+    assert "| triton | grpo | off |" in (out / "host.md").read_text()
+
+
+def test_fast_launch_hands_triton_the_same_kernel_and_arguments(stand_in_run):
+    _, launches, _ = stand_in_run
+    assert launches.pop("hooks_empty")  # so passing no hooks and no launch metadata changes nothing
+    for case, paths in launches.items():
+        assert paths["fast_path"] == paths["triton_path"], case
+        assert paths["fast_taken"] and all(paths["fast_taken"]), case
