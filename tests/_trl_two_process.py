@@ -1,7 +1,9 @@
 """Rank script of test_integration_trl.py's two-process test (run by torchrun, not collected).
 
 One group of 4 completions per step, split 2 + 2 across two CPU processes (gloo); each rank
-saves its advantages, masks, independent log-probs and rewards to $LENS_OUT/rank{R}.pt.
+saves its advantages, masks, independent log-probs and rewards, and each loss step's TRL and
+fused losses, gradients and metrics (``loss_type="dapo"``: the token count is global) to
+$LENS_OUT/rank{R}.pt.
 """
 import os
 import sys
@@ -14,9 +16,16 @@ import torch  # noqa: E402
 
 import test_integration_trl as t  # noqa: E402
 
+
+
+class Trainer(t.DualLossTrainer, t.RecordingLensTrainer):
+    pass
+
+
 reward = t.RecordingReward()
-trainer = t.train(t.RecordingLensTrainer, os.environ["LENS_OUT"], reward, per_device_train_batch_size=2)
+trainer = t.train(Trainer, os.environ["LENS_OUT"], reward, per_device_train_batch_size=2, loss_type="dapo",
+                  lens_fused_loss=True, **t.FP32)
 records = [{"advantages": r["out"]["advantages"], "mask": r["out"]["completion_mask"], "logps": r["logps"]}
            for r in trainer.records]
-torch.save({"records": records, "rewards": reward.calls},
+torch.save({"records": records, "rewards": reward.calls, "losses": trainer.loss_records},
            os.path.join(os.environ["LENS_OUT"], f"rank{trainer.accelerator.process_index}.pt"))

@@ -85,7 +85,8 @@ class RecordingLensTrainer(LensGRPOTrainer):
         return out
 
 
-def train(trainer_cls, tmp_path, reward, **config):
+def make_trainer(trainer_cls, tmp_path, reward, model=None, **config):
+    """A trainer on the tiny model (or ``model``, e.g. a saved model's path), not yet trained."""
     tokenizer = char_tokenizer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TRL's own defaults trip transformers' deprecations
@@ -96,16 +97,21 @@ def train(trainer_cls, tmp_path, reward, **config):
             dataloader_num_workers=0,
         )
         args = LensGRPOConfig(**{**settings, **config})
-    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS})
+        trainer = trainer_cls(model=tiny_llama(tokenizer) if model is None else model, reward_funcs=reward,
+                              args=args, train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                              processing_class=tokenizer)
+    trainer.records, trainer.loss_records = [], []
+    return trainer
+
+
+def train(trainer_cls, tmp_path, reward, **config):
     trl_logger = logging.getLogger("trl")
     previous = trl_logger.level
     trl_logger.setLevel(logging.ERROR)
     try:
+        trainer = make_trainer(trainer_cls, tmp_path, reward, **config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = trainer_cls(model=tiny_llama(tokenizer), reward_funcs=reward, args=args,
-                                  train_dataset=dataset, processing_class=tokenizer)
-            trainer.records = []
             trainer.train()
     finally:
         trl_logger.setLevel(previous)
@@ -190,7 +196,8 @@ def test_config_defaults_to_paper_aggregation(tmp_path):
 
 
 def test_two_processes_gather_rewards_and_stats_across_ranks(tmp_path):
-    """torchrun, 2 CPU processes: each group is split across the ranks, so LENS needs the gather."""
+    """torchrun, 2 CPU processes: each group is split across the ranks, so LENS needs the gather;
+    the fused loss runs through DDP and equals TRL's on each rank."""
     import os
     import socket
     import subprocess
@@ -217,3 +224,158 @@ def test_two_processes_gather_rewards_and_stats_across_ranks(tmp_path):
         got = torch.cat([p["advantages"] for p in parts])
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=lambda m: f"step {step + 1}: {m}")
     assert torch.cat([p["advantages"] for p in ranks[0]["records"][0:1] + ranks[1]["records"][0:1]]).abs().max() > 1e-4
+    for rank in range(2):  # the fused loss through DDP, dapo's token count gathered across the processes
+        assert len(ranks[rank]["losses"]) == 2
+        for step, record in enumerate(ranks[rank]["losses"]):
+            assert_fused_equals_stock(record["stock"], record["fused"], f"rank {rank}, step {step + 1}")
+
+
+# --- lens_fused_loss: lk.fused_linear_lens_loss against TRL's own _compute_loss ---------------------------------
+
+FP32 = dict(bf16=False)  # TRL's default bf16=True autocasts even on CPU; parity is judged in fp32
+STOCK_RTOL = 1e-5  # relative to the largest magnitude of the compared tensor (both sides are fp32)
+LOSS_ATOL = 1e-7
+
+
+def loss_grads_metrics(trainer, compute, model, inputs):
+    """``(loss, {parameter: gradient}, {metric: values})`` of one loss call (the loss keeps its
+    graph); the metrics it logged are taken out of the trainer's (two calls on one batch would
+    log twice)."""
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    before = {key: len(values) for key, values in metrics.items()}
+    loss = compute(model, inputs)
+    logged = {}
+    for key, values in metrics.items():
+        start = before.get(key, 0)
+        if len(values) > start:
+            logged[key] = values[start:]
+            del values[start:]
+    named = [(name, p) for name, p in trainer.accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
+    return loss, dict(zip((name for name, _ in named), grads)), logged
+
+
+def stock_and_fused(trainer, model, inputs):
+    """TRL's ``_compute_loss`` (on the unwrapped model, so DDP sees one backward) and the fused one."""
+    stock = loss_grads_metrics(trainer, lambda m, i: trl.GRPOTrainer._compute_loss(trainer, m, i),
+                               trainer.accelerator.unwrap_model(model), inputs)
+    fused = loss_grads_metrics(trainer, lambda m, i: LensGRPOTrainer._compute_loss(trainer, m, i), model, inputs)
+    return stock, fused
+
+
+def assert_close_to_stock(name: str, got, stock, atol: float = 0.0) -> None:
+    got, stock = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(stock, dtype=torch.float64)
+    err, scale = (got - stock).abs().max().item(), stock.abs().max().item()
+    bound = max(STOCK_RTOL * max(scale, 1e-6), atol)
+    assert err <= bound, f"{name}: fused {got.tolist()} vs TRL {stock.tolist()} (max error {err:.3g} > {bound:.3g})"
+
+
+def assert_fused_equals_stock(stock, fused, where: str) -> None:
+    (stock_loss, stock_grads, stock_metrics), (loss, grads, metrics) = stock, fused
+    # an all-wrong group on-policy sums advantages that cancel (a loss of ~1e-10): fp32 noise of O(1) terms
+    assert_close_to_stock(f"{where}: loss", loss, stock_loss, atol=LOSS_ATOL)
+    assert set(grads) == set(stock_grads)
+    for name, grad in grads.items():
+        assert (grad is None) == (stock_grads[name] is None), f"{where}: {name} has a gradient on one side only"
+        if grad is not None:
+            assert_close_to_stock(f"{where}: d loss / d {name}", grad, stock_grads[name])
+    assert set(metrics) == set(stock_metrics), f"{where}: metrics {sorted(metrics)} vs TRL's {sorted(stock_metrics)}"
+    for key, values in metrics.items():
+        assert_close_to_stock(f"{where}: metric {key}", values, stock_metrics[key])
+
+
+def hand_batch(vocab: int, old: bool, ref: bool, tool: bool) -> dict:
+    """One batch in TRL's generation-output layout: a left-padded prompt, a short and an empty
+    completion, advantages of both signs, old log-probs spread wide enough that ratios are
+    clipped on both sides, and a generation batch 3x this one (``num_items_in_batch``)."""
+    g = torch.Generator().manual_seed(1)
+    rows, prompt, width = 4, 3, 5
+    completion_mask = torch.ones(rows, width, dtype=torch.long)
+    completion_mask[1, 3:] = 0
+    completion_mask[2] = 0
+    prompt_mask = torch.ones(rows, prompt, dtype=torch.long)
+    prompt_mask[0, 0] = 0
+    batch = dict(prompt_ids=torch.randint(4, vocab, (rows, prompt), generator=g), prompt_mask=prompt_mask,
+                 completion_ids=torch.randint(4, vocab, (rows, width), generator=g), completion_mask=completion_mask,
+                 advantages=torch.tensor([1.2, -0.7, 0.5, -1.1]), num_items_in_batch=3 * completion_mask.sum())
+    if old:
+        batch["old_per_token_logps"] = -1.5 - 4 * torch.rand(rows, width, generator=g)
+    if ref:
+        batch["ref_per_token_logps"] = -2.5 - 2 * torch.rand(rows, width, generator=g)
+    if tool:
+        batch["tool_mask"] = torch.ones(rows, width, dtype=torch.long)
+        batch["tool_mask"][0, 1:3] = 0
+    return batch
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """The tiny model saved, so that TRL can build a reference model from its path (beta != 0)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(char_tokenizer()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("loss_type, mode, old, extra", [
+    ("grpo", "train", True, {}),
+    ("bnpo", "eval", True, {}),
+    ("dr_grpo", "train", False, {}),
+    ("dapo", "train", True, {"tool": True}),
+    ("dapo", "eval", True, {}),
+    ("luspo", "train", True, {}),
+    ("grpo", "train", True, {"beta": 0.1, "delta": 1.5}),
+], ids=["grpo", "bnpo-eval", "dr_grpo-on-policy", "dapo-tool-mask", "dapo-eval", "luspo", "grpo-kl-two-sided"])
+def test_fused_loss_equals_trl_loss_on_one_batch(tmp_path, saved_model, loss_type, mode, old, extra):
+    """Loss, the gradient of every parameter and every logged metric, with gradient
+    accumulation 2 in train mode (TRL's normalisers of each loss_type, an empty row)."""
+    beta, delta, tool = extra.get("beta", 0.0), extra.get("delta"), extra.get("tool", False)
+    config = dict(loss_type=loss_type, beta=beta, delta=delta, use_bias_correction_kl=False, epsilon=0.2,
+                  steps_per_generation=3, **FP32)
+    trainer = make_trainer(LensGRPOTrainer, tmp_path, RecordingReward(), model=saved_model if beta else None,
+                           lens_fused_loss=True, **config)
+    assert trainer.uses_fused_loss and (trainer.ref_model is not None) == (beta != 0)
+    trainer.model.train(mode == "train")
+    trainer.current_gradient_accumulation_steps = 2
+    batch = hand_batch(trainer.model.config.vocab_size, old, beta != 0, tool)
+    stock, fused = stock_and_fused(trainer, trainer.model, batch)
+    assert_fused_equals_stock(stock, fused, f"{loss_type} ({mode})")
+    clip = stock[2]["clip_ratio/region_mean"][0]
+    assert (clip > 0) == old, "the batch should clip ratios exactly when old log-probs are given"
+
+
+class DualLossTrainer(LensGRPOTrainer):
+    """Trains with the fused loss; each loss step also records TRL's on the same inputs."""
+
+    def _compute_loss(self, model, inputs):
+        stock, fused = stock_and_fused(self, model, inputs)
+        detach = lambda result: (result[0].detach(), *result[1:])  # noqa: E731
+        self.loss_records.append({"stock": detach(stock), "fused": detach(fused)})
+        for key, values in fused[2].items():  # the step logs the fused loss's metrics
+            self._metrics["train"][key].extend(values)
+        return fused[0]
+
+
+@pytest.fixture(scope="module")
+def two_step_runs(tmp_path_factory):
+    """Two steps with TRL's loss and two with the fused one (same model, data, seed): one
+    generation (num_iterations=2), so the second step's ratios move and clip."""
+    settings = dict(num_iterations=2, epsilon=0.05, **FP32)
+    stock = train(LensGRPOTrainer, tmp_path_factory.mktemp("stock-loss"), RecordingReward(), lens_fused_loss=False,
+                  **settings)
+    fused = train(DualLossTrainer, tmp_path_factory.mktemp("fused-loss"), RecordingReward(), lens_fused_loss=True,
+                  **settings)
+    return stock, fused
+
+
+def test_fused_training_equals_trl_loss_training_over_two_steps(two_step_runs):
+    stock, fused = two_step_runs
+    assert not stock.uses_fused_loss and fused.uses_fused_loss
+    assert len(fused.loss_records) == 2
+    for step, record in enumerate(fused.loss_records):  # same inputs, same parameters: TRL's loss and the fused one
+        assert_fused_equals_stock(record["stock"], record["fused"], f"step {step + 1}")
+    assert fused.loss_records[1]["fused"][2]["clip_ratio/region_mean"][0] > 0
+    keys = ["loss", "grad_norm", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+            "clip_ratio/low_min", "clip_ratio/high_max", "lens/confidence_mean"]
+    for key in keys:  # the two runs, as logged
+        assert_close_to_stock(f"logged {key}", step_logs(fused, key), step_logs(stock, key), atol=LOSS_ATOL)
+    assert len(step_logs(fused, "loss")) == 2

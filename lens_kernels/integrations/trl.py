@@ -11,17 +11,24 @@ scored a batch, the per-sequence advantages are replaced by LENS advantages
   when TRL computed it (``num_iterations > 1``, misaligned generation, vLLM importance
   sampling); otherwise one extra no-grad forward pass computes it.
 
-Everything else is TRL's: generation (transformers or vLLM), the memory-efficient loss
-(``loss_type="grpo"`` is LENS's seq-mean-token-mean aggregation, and the default here), KL,
-clipping, logging. LENS metrics are logged under ``lens/`` through TRL's metrics.
+The loss is :func:`lens_kernels.fused_linear_lens_loss` from the policy's last hidden states
+and ``lm_head`` weight (``lens_fused_loss``, :mod:`.trl_loss`): TRL's clipped surrogate, KL,
+aggregation (``loss_type`` grpo, bnpo, dr_grpo, dapo, luspo; ``"grpo"`` is LENS's
+seq-mean-token-mean aggregation, and the default here) and metrics, without ``[B, T, V]``
+logits. Where it cannot apply, TRL's own loss runs and the reason is logged once.
+
+Everything else is TRL's: generation (transformers or vLLM), clipping options, logging. LENS
+metrics are logged under ``lens/`` through TRL's metrics.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from accelerate.utils import is_peft_model
 from packaging.version import Version
 
 import trl
@@ -29,14 +36,20 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .. import lens_advantages_from_stats
 from ..config import MODES
+from . import trl_loss
+
+logger = logging.getLogger(__name__)
 
 #: TRL releases this module was tested with (``pip install "lens-kernels[trl]"``)
 TESTED_TRL = (Version("1.16.0"), Version("1.17"))
 #: TRL internals this trainer builds on
-_REQUIRED = ("_generate_and_score_completions", "_calculate_rewards", "_get_per_token_logps_and_entropies")
+_REQUIRED = ("_generate_and_score_completions", "_calculate_rewards", "_get_per_token_logps_and_entropies",
+             "_compute_loss")
 #: keys of TRL's generation output that the model forward needs (multimodal inputs)
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                  "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+_REQUIRED_MESSAGE = "lens_fused_loss=True, but lens_kernels' fused loss cannot compute TRL's loss here: "
 
 _missing = [name for name in _REQUIRED if not hasattr(GRPOTrainer, name)]
 if _missing:
@@ -62,7 +75,10 @@ class LensGRPOConfig(GRPOConfig):
     ``lens_length_gamma``: the preference-aware variant's ``gamma`` in ``(0, 1)`` (off by
     default); ``lens_std_eps``: added to the group std. ``scale_rewards`` ("group" or "none")
     maps to LENS's ``scale_by_std``. ``loss_type`` defaults to ``"grpo"`` (seq-mean-token-mean,
-    the paper's objective) instead of TRL's ``"dapo"``.
+    the paper's objective) instead of TRL's ``"dapo"``. ``lens_fused_loss``: None (default)
+    computes the loss with :func:`lens_kernels.fused_linear_lens_loss` wherever it equals
+    TRL's and falls back to TRL's loss elsewhere, logging why once; True requires it (a setting
+    it cannot compute raises ``ValueError`` saying why); False keeps TRL's loss.
     """
 
     lens_mode: str = field(default="lens", metadata={"help": f"LENS advantage mode, one of {MODES}."})
@@ -72,6 +88,9 @@ class LensGRPOConfig(GRPOConfig):
     lens_std_eps: float = field(default=1e-6, metadata={"help": "Added to the group std of the advantages."})
     loss_type: str = field(
         default="grpo", metadata={"help": "TRL loss type; 'grpo' is LENS's seq-mean-token-mean aggregation."})
+    lens_fused_loss: Optional[bool] = field(
+        default=None, metadata={"help": "Loss by lens_kernels.fused_linear_lens_loss: None = where it applies "
+                                        "(else TRL's, reason logged once), True = required, False = TRL's loss."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +121,12 @@ def check_lens_args(args: Any) -> dict:
         raise ValueError(
             f"multi_objective_aggregation={aggregation!r}: LENS calibrates one reward in [0, 1] per completion; "
             "use 'sum_then_normalize' with reward_weights summing to at most 1")
+    fused = getattr(args, "lens_fused_loss", None)
+    if fused not in (None, True, False):
+        raise ValueError(f"lens_fused_loss: expected None, True or False, got {fused!r}")
+    reason = trl_loss.args_blocker(args) if fused else None
+    if reason is not None:
+        raise ValueError(f"{_REQUIRED_MESSAGE}{reason}")
     return dict(mode=mode, alpha=alpha, scale_by_std=scale in ("group", True), std_eps=std_eps,
                 length_gamma=None if gamma is None else float(gamma))
 
@@ -119,6 +144,38 @@ class LensGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.lens_options = check_lens_args(self.args)
         self._lens_rewards_per_func: Optional[torch.Tensor] = None
+        self._lens_fallbacks: set[str] = set()
+        self.uses_fused_loss = self._lens_fused_loss_applies()
+
+    def _lens_fused_loss_applies(self) -> bool:
+        """Whether ``_compute_loss`` runs the fused loss; patches the policy's forward if so."""
+        wanted = getattr(self.args, "lens_fused_loss", None)
+        if wanted is False:
+            logger.info("LensGRPOTrainer: TRL's loss (lens_fused_loss=False)")
+            return False
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model  # what TRL patched
+        reason = trl_loss.args_blocker(self.args) or trl_loss.model_blocker(base, self.aux_loss_enabled)
+        if reason is not None:
+            self._lens_fall_back(reason, required=wanted)
+            return False
+        trl_loss.add_lens_head(base)
+        return True
+
+    def _lens_fall_back(self, reason: str, required: bool) -> None:
+        """Raise (``lens_fused_loss=True``) or log once why TRL's loss runs instead."""
+        if required:
+            raise ValueError(f"{_REQUIRED_MESSAGE}{reason}")
+        if reason not in self._lens_fallbacks:
+            self._lens_fallbacks.add(reason)
+            logger.warning("LensGRPOTrainer: TRL's loss instead of lens_kernels' fused loss: %s", reason)
+
+    def _compute_loss(self, model, inputs):
+        if self.uses_fused_loss:
+            reason = trl_loss.inputs_blocker(inputs)
+            if reason is None:
+                return trl_loss.fused_loss(self, model, inputs)
+            self._lens_fall_back(reason, required=bool(getattr(self.args, "lens_fused_loss", None)))
+        return super()._compute_loss(model, inputs)
 
     def _calculate_rewards(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         rewards_per_func = super()._calculate_rewards(*args, **kwargs)  # gathered across processes
