@@ -3,7 +3,7 @@
 // Used when every token's coefficient is known before the vocabulary pass (old log-probs
 // given, grpo mode or caller-given advantages: lens_kernels/backends/kernel_loss.py).  A
 // masked-out row writes zeros and reads nothing.  A live row: the online logsumexp and the
-// target logit (vocab_row.cuh), then thread 0 computes the token's terms (token_math.cuh, with
+// target logit (vocab_row.cuh; logits scaled by 1 / t without bias), then thread 0 computes the token's terms (token_math.cuh, with
 // the row's advantage and aggregation weight from the shared calibration) and the coefficient
 // it broadcasts through shared memory, then the block writes coef * (onehot - p) into the
 // gradient (a new buffer, or the logits' own storage), rereading the row it has just read.
@@ -29,7 +29,7 @@ struct FusedArgs {
   const double* advantages;
   int64_t adv_stride;
   const double* weights;
-  float inv_t;
+  Scale scale;  // 1 / t
   int64_t grad_stride_b, grad_stride_t, grad_stride_v;
   float* logp;
   double* parts;  // [3, rows]
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_loss_kernel(const T* logits
     const T* x = logits + b * args.stride_b + t * args.stride_t;
     const int64_t target = args.target[b * args.target_stride_b + t * args.target_stride_t];
     float z_target;
-    const float lse = row_lse(x, args.vocab, args.stride_v, args.inv_t, target, z_target);
+    const float lse = row_stats<T, false>(x, args.vocab, args.stride_v, args.scale, target, z_target).lse;
     if (threadIdx.x == 0) {
       const float lp = z_target - lse;
       const double old = args.old == nullptr ? lp : args.old[b * args.old_stride_b + t * args.old_stride_t];
@@ -66,12 +66,13 @@ __global__ void __launch_bounds__(kMaxThreads) fused_loss_kernel(const T* logits
       args.parts[row] = weight * terms.loss;
       args.parts[args.rows + row] = terms.clipped;
       args.parts[2 * args.rows + row] = terms.k3;
-      coef_shared = static_cast<float>(weight * terms.grad) * args.inv_t;
+      coef_shared = static_cast<float>(weight * terms.grad) * args.scale.inv_t();
     }
     __syncthreads();
     const float coef = coef_shared;  // the same in every thread: the branch below is uniform
-    if (out != nullptr) thread_write_grad(x, out, args.vocab, args.stride_v, args.grad_stride_v, target, coef,
-                                          args.inv_t, lse);
+    if (out != nullptr)
+      thread_write_grad<T, false>(x, out, args.vocab, args.stride_v, args.grad_stride_v, target, coef, 0.f,
+                                  args.scale, lse, 0.f);
     __syncthreads();  // coef_shared is rewritten by the next row
   }
 }
@@ -94,9 +95,9 @@ extern "C" int lk_fused_loss(const void* logits, int dtype, int64_t batch, int64
                              int64_t live_stride_b, int64_t live_stride_t, const float* old, int64_t old_stride_b,
                              int64_t old_stride_t, const float* ref, int64_t ref_stride_b, int64_t ref_stride_t,
                              const double* advantages, int64_t adv_stride, const double* weights,
-                             float inv_temperature, const lk_surrogate_config* cfg, void* grad,
-                             int64_t grad_stride_b, int64_t grad_stride_t, int64_t grad_stride_v, float* logp,
-                             double* parts, void* stream) {
+                             float inv_temperature_hi, float inv_temperature_lo, const lk_surrogate_config* cfg,
+                             void* grad, int64_t grad_stride_b, int64_t grad_stride_t, int64_t grad_stride_v,
+                             float* logp, double* parts, void* stream) {
   using namespace lk;
   if (bad_sizes(batch, length, vocab) || cfg == nullptr) return LK_ERROR_ARGUMENT;
   if (batch * length == 0) return 0;
@@ -105,8 +106,9 @@ extern "C" int lk_fused_loss(const void* logits, int dtype, int64_t batch, int64
     return LK_ERROR_ARGUMENT;
   const FusedArgs args{batch * length, length, vocab, stride_b, stride_t, stride_v, target, target_stride_b,
                        target_stride_t, live, live_stride_b, live_stride_t, old, old_stride_b, old_stride_t, ref,
-                       ref_stride_b, ref_stride_t, advantages, adv_stride, weights, inv_temperature,
-                       grad_stride_b, grad_stride_t, grad_stride_v, logp, parts};
+                       ref_stride_b, ref_stride_t, advantages, adv_stride, weights,
+                       Scale{inv_temperature_hi, inv_temperature_lo}, grad_stride_b, grad_stride_t, grad_stride_v,
+                       logp, parts};
   const auto s = static_cast<cudaStream_t>(stream);
   LK_DISPATCH(dtype, launch_fused<T>(logits, grad, args, *cfg, s))
 }

@@ -20,7 +20,7 @@ extern "C" {
 #define LK_EXPORT __attribute__((visibility("default")))
 
 /* Bumped whenever a signature or struct below changes. */
-#define LK_ABI_VERSION 2
+#define LK_ABI_VERSION 3
 
 /* Element type of the logits (and of their gradient). */
 enum { LK_FLOAT32 = 0, LK_BFLOAT16 = 1, LK_FLOAT16 = 2 };
@@ -51,28 +51,37 @@ LK_EXPORT int lk_probe_device(int device);
 /* Every [B, T] input below is read with its element strides (stride_b, stride_t); `live` is the
  * completion mask as uint8 0/1.  Rows (b, t) whose live byte is 0 are never read. */
 
+/* Temperature: 1 / t as the fp32 parts (inv_temperature_hi, inv_temperature_lo) of
+ * lens_kernels.config.split_float; logits are scaled as z = fmaf(x, hi, x * lo) (x * hi when lo
+ * is 0), which carries no one-sided bias, and gradients by hi + lo. */
+
 /* SPEC 1.1.  logits [B, T, V] of `dtype` with element strides (stride_b, stride_t, stride_v);
- * writes logp [B*T] and lse [B*T] (fp32, contiguous), where lse = logsumexp_v(logits *
- * inv_temperature) and logp = logits[target] * inv_temperature - lse; rows whose live byte is 0
- * (live may be NULL: every row) get logp = lse = 0. */
+ * writes logp [B*T], lse [B*T] and, when ent is not NULL, ent [B*T] (fp32, contiguous), where
+ * z = logits / t, lse = logsumexp_v(z), logp = z[target] - lse and ent = -sum_v p_v log p_v
+ * (p = softmax(z), from the same read of the row); rows whose live byte is 0 (live may be NULL:
+ * every row) get 0 in every output. */
 LK_EXPORT int lk_logprobs_forward(const void* logits, int dtype, int64_t batch, int64_t length,
                                   int64_t vocab, int64_t stride_b, int64_t stride_t,
                                   int64_t stride_v, const int64_t* target, int64_t target_stride_b,
                                   int64_t target_stride_t, const uint8_t* live, int64_t live_stride_b,
-                                  int64_t live_stride_t, float inv_temperature, float* logp, float* lse,
+                                  int64_t live_stride_t, float inv_temperature_hi,
+                                  float inv_temperature_lo, float* logp, float* lse, float* ent,
                                   void* stream);
 
-/* grad[b, t, v] = grad_logp * (*grad_scale) * inv_temperature * (1[v == target] - exp(z - lse))
- * in `dtype` (grad_scale a device scalar, or NULL for 1), written with the element strides
- * (grad_stride_b, grad_stride_t, grad_stride_v); rows with a zero coefficient get zeros
+/* grad[b, t, v] = (*grad_scale) / t * (grad_logp * (1[v == target] - p_v)
+ *                  - grad_entropy * p_v * (log p_v + entropy)), p_v = exp(z_v - lse),
+ * in `dtype` (grad_scale a device scalar, or NULL for 1; grad_entropy NULL: no entropy term, and
+ * then entropy, the forward's ent, is not read), written with the element strides
+ * (grad_stride_b, grad_stride_t, grad_stride_v); rows whose coefficients are all zero get zeros
  * without reading logits.  grad may equal logits (in place, same strides). */
-LK_EXPORT int lk_logprobs_backward(const float* grad_logp, const float* grad_scale, const void* logits,
+LK_EXPORT int lk_logprobs_backward(const float* grad_logp, const float* grad_scale,
+                                   const float* grad_entropy, const float* entropy, const void* logits,
                                    int dtype, int64_t batch, int64_t length, int64_t vocab,
                                    int64_t stride_b, int64_t stride_t, int64_t stride_v,
                                    const int64_t* target, int64_t target_stride_b,
-                                   int64_t target_stride_t, const float* lse, float inv_temperature,
-                                   void* grad, int64_t grad_stride_b, int64_t grad_stride_t,
-                                   int64_t grad_stride_v, void* stream);
+                                   int64_t target_stride_t, const float* lse, float inv_temperature_hi,
+                                   float inv_temperature_lo, void* grad, int64_t grad_stride_b,
+                                   int64_t grad_stride_t, int64_t grad_stride_v, void* stream);
 
 /* SPEC steps 8-9 on [B*T] fp32 contiguous logp (two-pass path): old (NULL: on-policy, old =
  * logp) and ref (NULL unless cfg->has_ref) fp32 strided; advantages [B] (element stride
@@ -95,10 +104,10 @@ LK_EXPORT int lk_fused_loss(const void* logits, int dtype, int64_t batch, int64_
                             int64_t live_stride_b, int64_t live_stride_t, const float* old,
                             int64_t old_stride_b, int64_t old_stride_t, const float* ref,
                             int64_t ref_stride_b, int64_t ref_stride_t, const double* advantages,
-                            int64_t adv_stride, const double* weights, float inv_temperature,
-                            const lk_surrogate_config* cfg, void* grad, int64_t grad_stride_b,
-                            int64_t grad_stride_t, int64_t grad_stride_v, float* logp, double* parts,
-                            void* stream);
+                            int64_t adv_stride, const double* weights, float inv_temperature_hi,
+                            float inv_temperature_lo, const lk_surrogate_config* cfg, void* grad,
+                            int64_t grad_stride_b, int64_t grad_stride_t, int64_t grad_stride_v,
+                            float* logp, double* parts, void* stream);
 
 #ifdef __cplusplus
 }

@@ -30,7 +30,7 @@ from .tolerances import check
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w:]+>)?)<<<(.+?), (.+?), 0, (\w+)>>>\(")
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w:, ]+>)?)<<<(.+?), (.+?), 0, (\w+)>>>\(")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

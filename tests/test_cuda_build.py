@@ -65,8 +65,9 @@ def test_library_loads_and_reports_no_device_without_a_gpu(monkeypatch):
         if not torch.cuda.is_available():
             assert lib.lk_probe_device(0) != 0
             sizes = (1, 1, 1, 1, 1, 1)  # rejected before any launch: no pointer is dereferenced
-            assert lib.lk_logprobs_forward(8, 7, *sizes, 8, 1, 1, None, 0, 0, 1.0, 8, 8, None) == -1  # LK_ERROR_DTYPE
-            assert lib.lk_logprobs_forward(None, 0, *sizes, 8, 1, 1, None, 0, 0, 1.0, 8, 8, None) == -2  # LK_ERROR_ARGUMENT
+            args = (8, 1, 1, None, 0, 0, 1.0, 0.0, 8, 8, None, None)
+            assert lib.lk_logprobs_forward(8, 7, *sizes, *args) == -1  # LK_ERROR_DTYPE
+            assert lib.lk_logprobs_forward(None, 0, *sizes, *args) == -2  # LK_ERROR_ARGUMENT
     finally:
         library.load.cache_clear()
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ...config import LensOptions
+from ...config import LensOptions, split_float
 from . import library
 
 
@@ -63,22 +63,22 @@ def logprobs_forward(
     logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None,
     entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(logp, lse)``, both ``[B, T]`` fp32: one block per row, logits read once; rows where
-    ``live`` (bool ``[B, T]``) is 0 are not read and get 0."""
-    if entropy:
-        raise NotImplementedError("entropy: not yet in the CUDA kernel")
+    """``(logp, lse, ent)``, ``[B, T]`` fp32: one block per row, logits read once; ``ent`` (the
+    softmax's entropy, from the same read) None unless ``entropy``; rows where ``live`` (bool
+    ``[B, T]``) is 0 are not read and get 0."""
     batch, length, vocab = logits.shape
     _require("target_ids", target_ids, torch.int64, contiguous=False)
     logp = torch.empty((batch, length), dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if entropy else None
     with _on_device(logits):
         code = library.load().lk_logprobs_forward(
             logits.data_ptr(), library.DTYPES[logits.dtype], batch, length, vocab, *logits.stride(),
-            target_ids.data_ptr(), *target_ids.stride(), *_rows(live),
-            float(inv_temperature), logp.data_ptr(), lse.data_ptr(), _stream(logits),
+            target_ids.data_ptr(), *target_ids.stride(), *_rows(live), *split_float(inv_temperature),
+            logp.data_ptr(), lse.data_ptr(), None if ent is None else ent.data_ptr(), _stream(logits),
         )
     library.check(code, "logprobs_forward")
-    return logp, lse, None
+    return logp, lse, ent
 
 
 def logprobs_backward(
@@ -92,21 +92,25 @@ def logprobs_backward(
     grad_entropy: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """d loss / d logits in ``logits.dtype`` (``grad_logp * grad_scale``, the 0-dim scale read
-    on the device): a new contiguous tensor, or ``logits`` itself overwritten when ``inplace``."""
-    if grad_entropy is not None:
-        raise NotImplementedError("entropy: not yet in the CUDA kernel")
+    """d loss / d logits in ``logits.dtype`` from ``grad_logp`` (and ``grad_entropy`` with the
+    forward's ``entropy``), times the 0-dim ``grad_scale`` read on the device: a new contiguous
+    tensor, or ``logits`` itself overwritten when ``inplace``."""
     batch, length, vocab = logits.shape
     _require("grad_logp", grad_logp, torch.float32)
     _require("target_ids", target_ids, torch.int64, contiguous=False)
     _require("lse", lse, torch.float32)
+    if grad_entropy is not None:
+        _require("grad_entropy", grad_entropy, torch.float32)
+        _require("entropy", entropy, torch.float32)
     scale = None if grad_scale is None else grad_scale.to(torch.float32)
     grad = logits if inplace else torch.empty((batch, length, vocab), dtype=logits.dtype, device=logits.device)
     with _on_device(logits):
         code = library.load().lk_logprobs_backward(
-            grad_logp.data_ptr(), None if scale is None else scale.data_ptr(), logits.data_ptr(),
+            grad_logp.data_ptr(), None if scale is None else scale.data_ptr(),
+            None if grad_entropy is None else grad_entropy.data_ptr(),
+            None if grad_entropy is None else entropy.data_ptr(), logits.data_ptr(),
             library.DTYPES[logits.dtype], batch, length, vocab, *logits.stride(),
-            target_ids.data_ptr(), *target_ids.stride(), lse.data_ptr(), float(inv_temperature),
+            target_ids.data_ptr(), *target_ids.stride(), lse.data_ptr(), *split_float(inv_temperature),
             grad.data_ptr(), *grad.stride(), _stream(logits),
         )
     library.check(code, "logprobs_backward")
@@ -164,7 +168,8 @@ def fused_loss(
         code = library.load().lk_fused_loss(
             logits.data_ptr(), library.DTYPES[logits.dtype], batch, length, vocab, *logits.stride(),
             target_ids.data_ptr(), *target_ids.stride(), *_rows(live), *_rows(old), *_rows(ref),
-            advantages.data_ptr(), advantages.stride(0), weights.data_ptr(), float(options.inv_temperature), ctypes.byref(config),
+            advantages.data_ptr(), advantages.stride(0), weights.data_ptr(), *options.inv_temperature_parts,
+            ctypes.byref(config),
             None if grad is None else grad.data_ptr(), *((0, 0, 0) if grad is None else grad.stride()),
             logp.data_ptr(), parts.data_ptr(), _stream(logits),
         )

@@ -17,7 +17,7 @@ import torch
 
 LIBRARY_FILE = "liblens_kernels_cuda.so"
 LIBRARY_ENV = "LENS_KERNELS_CUDA_LIBRARY"
-ABI_VERSION = 2  # LK_ABI_VERSION
+ABI_VERSION = 3  # LK_ABI_VERSION
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # LK_FLOAT32 ...
 
@@ -49,11 +49,12 @@ SIGNATURES = {
     "lk_probe_device": (_INT, (_INT,)),
     "lk_logprobs_forward": (
         _INT,
-        (_PTR, _INT) + _SIZES_STRIDES + _ROWS + _ROWS + (_F32, _PTR, _PTR, _PTR),
+        (_PTR, _INT) + _SIZES_STRIDES + _ROWS + _ROWS + (_F32, _F32, _PTR, _PTR, _PTR, _PTR),
     ),
     "lk_logprobs_backward": (
         _INT,
-        (_PTR, _PTR, _PTR, _INT) + _SIZES_STRIDES + _ROWS + (_PTR, _F32, _PTR, _I64, _I64, _I64, _PTR),
+        (_PTR, _PTR, _PTR, _PTR, _PTR, _INT) + _SIZES_STRIDES + _ROWS
+        + (_PTR, _F32, _F32, _PTR, _I64, _I64, _I64, _PTR),
     ),
     "lk_token_loss": (
         _INT,
@@ -61,7 +62,7 @@ SIGNATURES = {
     ),
     "lk_fused_loss": (
         _INT,
-        (_PTR, _INT) + _SIZES_STRIDES + _ROWS * 4 + (_PTR, _I64, _PTR, _F32, _CONFIG)
+        (_PTR, _INT) + _SIZES_STRIDES + _ROWS * 4 + (_PTR, _I64, _PTR, _F32, _F32, _CONFIG)
         + (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR),
     ),
 }
