@@ -81,8 +81,7 @@ def wrap_fused_linear_class(original: type) -> type:
     """verl's ``FusedLinearForPPO`` -> a subclass that also accepts ``impl_backend="lens"``."""
 
     class FusedLinearForPPO(original):
-        __doc__ = (original.__doc__ or "") + "\n(lens-kernels: ``impl_backend='lens'`` runs " \
-            "lens_kernels.integrations.verl_fused.fused_logprobs_entropy.)"
+        """verl's ``FusedLinearForPPO``; ``impl_backend="lens"`` runs :func:`fused_logprobs_entropy`."""
 
         def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
             lens = impl_backend == BACKEND
