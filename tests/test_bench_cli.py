@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import lens_kernels as lk
-from lens_kernels import __main__ as main_module
 from lens_kernels.backends import torch_backend
 from lens_kernels.bench import check, cli, registry, runner, summary, targets
 from lens_kernels.bench.floors import floor_bytes, floors
@@ -143,15 +142,6 @@ def test_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fused-torch" in capsys.readouterr().out
-
-
-def test_main_command_prints_table_with_device_and_versions(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main_module.main(TINY) == 0
-    out = capsys.readouterr().out
-    assert "fused-torch" in out and "reference-eager" in out and torch.__version__ in out and "Device:" in out
-    assert not (tmp_path / "benchmarks").exists(), "the quick run writes no files unless asked"
-    assert "no files written (--save writes JSON, markdown and PNG into benchmarks/results)" in out
 
 
 def test_every_option_has_readable_help():

@@ -33,7 +33,7 @@ def _import_verl():
             from verl.trainer.ppo.v1 import utils as v1_utils
         except Exception as exc:  # ImportError, or a missing dependency of verl's trainer
             pytest.skip(f"verl is not importable here ({type(exc).__name__}: {exc}); "
-                        "CI runs this file in its verl environment (.ci/run)", allow_module_level=True)
+                        "run it in the environment scripts/verl_test_env.sh makes", allow_module_level=True)
     return verl, ray_trainer, v1_utils
 
 

@@ -1,8 +1,6 @@
 """The trainer's choice of loss path: fused-linear for a transformers causal LM with a plain
-``nn.Linear`` head (tied or not), the logits path otherwise, and the log says which."""
+``nn.Linear`` head (tied or not), the logits path otherwise, and ``Policy.loss_path`` says which."""
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
@@ -26,15 +24,14 @@ def toy_rollout(vocab: int) -> Rollout:
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_fused_linear_path_matches_the_logits_path(tied, caplog):
+def test_fused_linear_path_matches_the_logits_path(tied):
     tok = build_toy_tokenizer()
     model = build_toy_model(tok, 16, 1, 2, seed=0)
     if not tied:
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    with caplog.at_level(logging.INFO, logger="lens_kernels.train"):
-        policy = Policy.wrap(model, tok, "cpu")
+    policy = Policy.wrap(model, tok, "cpu")
     assert policy.fused_head_reason is None
-    assert f"loss path: fused-linear (hidden states and the {'tied' if tied else 'separate'}" in caplog.text
+    assert policy.loss_path.startswith(f"fused-linear (hidden states and the {'tied' if tied else 'separate'}")
     rollout = toy_rollout(len(tok))
     rows = torch.arange(4)
     hidden, weight, bias = policy.completion_hidden(rollout, rows)
@@ -48,11 +45,10 @@ def test_fused_linear_path_matches_the_logits_path(tied, caplog):
     torch.testing.assert_close(fused.logprobs, torch.where(mask, plain.logprobs, 0))
 
 
-def test_other_heads_fall_back_to_logits_and_say_why(caplog):
+def test_other_heads_fall_back_to_logits_and_say_why():
     tok = build_toy_tokenizer()
     model = build_toy_model(tok, 16, 1, 2, seed=0)
     model.lm_head = torch.nn.Sequential(torch.nn.Linear(16, len(tok), bias=False))
-    with caplog.at_level(logging.INFO, logger="lens_kernels.train"):
-        policy = Policy.wrap(model, tok, "cpu")
+    policy = Policy.wrap(model, tok, "cpu")
     assert policy.fused_head_reason == "the output head is Sequential, not a plain torch.nn.Linear"
-    assert "loss path: logits then fused_lens_loss (the output head is Sequential" in caplog.text
+    assert policy.loss_path.startswith("logits then fused_lens_loss (the output head is Sequential")

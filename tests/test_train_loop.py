@@ -3,6 +3,7 @@ gradient accumulation, and resume-equals-uninterrupted after a kill mid-run."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -47,9 +48,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_two_step_smoke_run_through_the_cli(tmp_path, capsys):
+def test_two_step_smoke_run_through_the_cli(tmp_path, capsys, caplog):
     run_dir = tmp_path / "run"
-    assert train_main(_flags({**TINY, "run_dir": str(run_dir), "modes": ["lens", "grpo"]})) == 0
+    with caplog.at_level(logging.INFO, logger="lens_kernels.train"):
+        assert train_main(_flags({**TINY, "run_dir": str(run_dir), "modes": ["lens", "grpo"]})) == 0
+    assert caplog.text.count("loss path: fused-linear") == 1, caplog.text  # once per run, not per mode
+    caplog.clear()
     printed = capsys.readouterr().out
     assert "| step | lens train acc |" in printed and "grpo pass@4" in printed
     assert (run_dir / "curves.png").stat().st_size > 10_000
@@ -79,10 +83,15 @@ def test_two_step_smoke_run_through_the_cli(tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     ckpt = run_dir / "lens" / "checkpoints" / "step_000002"
-    assert eval_main(["--model", str(ckpt), "--toy-eval-size", "5", "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO, logger="lens_kernels.train"):
+        assert eval_main(["--model", str(ckpt), "--toy-eval-size", "5", "--out", str(out)]) == 0
+    assert "loss path" not in caplog.text  # lens-eval computes no loss
     result = json.loads(out.read_text())
     assert result["eval/problems"] == 5 and 0 <= result["eval/pass@1"] <= result["eval/pass@4"] <= 1
-    assert "| levels 4-5 |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    all_row = next(line for line in table.splitlines() if line.startswith("| all |"))
+    assert all_row.split("|")[3].strip() == f"{result['eval/pass@1']:.3f}"  # fractions, as lens-train prints
+    assert "| levels 4-5 |" in table
 
 
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])

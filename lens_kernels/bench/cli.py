@@ -16,6 +16,7 @@ import os
 import shlex
 import time
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -122,20 +123,27 @@ def _shapes(plan: Preset, args: argparse.Namespace) -> list:
     return [shape_for_tokens(n, v, DTYPES[d], args.group_size or plan.group_size, rows) for d, v, n in cases]
 
 
-def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_preset: str = "sweep") -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser(prog, default_preset).parse_args(argv)
-    if args.summarize:
-        print(summary.summarize(args.summarize))
-        return 0
+@dataclass(frozen=True)
+class Run:
+    """What one benchmark run measured, and where."""
+
+    records: list
+    env: dict
+    computes: dict
+    out: Path
+    stem: str
+    save: bool
+
+
+def measure(args: argparse.Namespace, argv: list[str], prog: str, default_preset: str,
+            progress: bool = True) -> Run:
+    """Run the benchmark the parsed options describe (``progress``: a line per measurement on
+    stderr); option errors exit with a message."""
     started = time.monotonic()
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above USDT (5): no profiler_start/stop lines
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.list:
-        print(list_impls(device))
-        return 0
     preset_name = args.preset or default_preset
     plan = preset(preset_name, device)
     for dtype in args.dtype or ():
@@ -154,30 +162,58 @@ def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_pre
         raise SystemExit(str(err))
     options = dict(warmup=args.warmup, min_runs=args.min_runs, max_runs=args.max_runs, budget_s=args.budget)
     timer = Timer(device, **{**plan.timer, **{k: v for k, v in options.items() if v is not None}})
-    runner.log(f"measuring the copy bandwidth of {device} ...")
+    if progress:
+        runner.log(f"measuring the copy bandwidth of {device} ...")
     bandwidth = copy_bandwidth(timer, default_copy_bytes(device))
     deadline = None if args.time_limit is None else started + args.time_limit
-    settings = runner.Settings(timer, bandwidth, copies=max(1, args.copies), seed=args.seed, deadline=deadline)
+    settings = runner.Settings(timer, bandwidth, copies=max(1, args.copies), seed=args.seed, deadline=deadline,
+                               progress=progress)
     command = f"{prog} {shlex.join(argv)}".strip()
     env = report.environment(device, command, bandwidth, timer)
-    runner.log(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; "
-               f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    if progress:
+        runner.log(f"{env['device']}: torch {env['torch']}, triton {env['triton']}; "
+                   f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     computes = {impl.name: impl.computes for impl in impls}
     save = args.save if args.save is not None else plan.save
     stem = args.name or f"{report.device_slug(device)}-{preset_name}"
     partial = _partial_writer(args.out / f"{stem}.json", env, computes) if save else None
     records = runner.run(shapes, list(args.modes or plan.modes), impls, settings, on_record=partial,
                          policies=tuple(args.policy or plan.policies))
-    verdicts = targets.evaluate(records, device.type)
-    print(f"lens-kernels benchmark on {env['device']} ({command})")
-    print(report.terminal(records, env, computes, verdicts))
-    if save:
-        png = plot(records, args.out / f"{stem}.png", env["device"]) if args.plot else None
-        paths = report.write(args.out, stem, records, env, computes, verdicts, png.name if png else None)
-        print("\nwrote " + ", ".join(str(p) for p in paths + ([png] if png else [])))
+    return Run(records, env, computes, args.out, stem, save)
+
+
+def write(run: Run, plot_it: bool) -> list[Path]:
+    """The run's JSON, markdown and (``plot_it``) PNG in ``run.out``."""
+    verdicts = targets.evaluate(run.records, run.env["device_type"])
+    png = plot(run.records, run.out / f"{run.stem}.png", run.env["device"]) if plot_it else None
+    paths = report.write(run.out, run.stem, run.records, run.env, run.computes, verdicts, png.name if png else None)
+    return paths + ([png] if png else [])
+
+
+def failed(records: list[dict]) -> bool:
+    return any(r["status"] in ("failed-check", "error") for r in records)
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "lens-bench", default_preset: str = "sweep") -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser(prog, default_preset).parse_args(argv)
+    if args.summarize:
+        print(summary.summarize(args.summarize))
+        return 0
+    if args.list:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(list_impls(resolve_device(args.device)))
+        return 0
+    run = measure(args, argv, prog, default_preset)
+    verdicts = targets.evaluate(run.records, run.env["device_type"])
+    print(f"lens-kernels benchmark on {run.env['device']} ({run.env['command']})")
+    print(report.terminal(run.records, run.env, run.computes, verdicts))
+    if run.save:
+        print("\nwrote " + ", ".join(str(p) for p in write(run, args.plot)))
     else:
         print(f"\nno files written (--save writes JSON, markdown and PNG into {args.out})")
-    return 1 if any(r["status"] in ("failed-check", "error") for r in records) else 0
+    return 1 if failed(run.records) else 0
 
 
 def _partial_writer(path: Path, env: dict, computes: dict):

@@ -62,7 +62,7 @@ class Impl:
 
 FUSED_COMPUTES = (
     "lk.fused_lens_loss(backend={backend!r}, check_values=False), as a user on the fast path calls it: "
-    "the SPEC loss in the given mode, confidences/difficulty/advantages included, from logits [B,T,V] "
+    "the LENS loss (lk.reference) in the given mode, confidences/difficulty/advantages included, from logits [B,T,V] "
     "(old_logprobs passed off-policy) with fp32 accumulation and no [B,T,V] fp32 buffer; one gradient "
     "in the logits' dtype. On the GPU backends one pass over the logits off-policy or in grpo mode, "
     "two for on-policy lens; masked rows not read"
@@ -81,7 +81,7 @@ LIGER_CALL = (
     "liger_kernel triton_grpo_loss(old_logp=None on-policy or the old log-probs off-policy, loss_type='grpo', "
     "beta=0, eps 0.2/0.2, temperature 1, inplace=False, reduce=True) on the full [B,T+1,V] logits (last "
     "position unused; gradient w.r.t. [B,T+1,V], last position zero); its per-row mean then mean over all "
-    "B rows equals SPEC seq-mean-token-mean when every row has a completion token (true here)"
+    "B rows equals loss_agg_mode='seq-mean-token-mean' when every row has a completion token (true here)"
 )
 LIGER_COMPUTES = (
     "GRPO advantages (r - mean_g) / (std_g + 1e-6) in PyTorch inside the timed call, then " + LIGER_CALL

@@ -46,6 +46,7 @@ class Settings:
     copy_fraction: float = 0.3  # of the free memory, for all copies together
     seed: int = 0
     deadline: Optional[float] = None  # time.monotonic() after which no run starts
+    progress: bool = True  # a line on stderr per shape and per measurement
 
     @property
     def device(self) -> torch.device:
@@ -176,7 +177,8 @@ def run(shapes: list[Shape], modes: list[str], impls: list[Impl], settings: Sett
             for record in _unrun(shape, policies, modes, impls, "skipped", "not run: the run's time limit was reached"):
                 add(record)
             continue
-        log(f"== {shape.label}: building inputs on {settings.device}")
+        if settings.progress:
+            log(f"== {shape.label}: building inputs on {settings.device}")
         try:
             copies = input_copies(shape, settings)
             logp = check.gold_logprobs(copies[0])
@@ -198,7 +200,8 @@ def run(shapes: list[Shape], modes: list[str], impls: list[Impl], settings: Sett
                                         "not run: the run's time limit was reached")[0]
                     else:
                         record = measure(impl, mode, problem, target, settings)
-                        log("   " + summary(record))
+                        if settings.progress:
+                            log("   " + summary(record))
                     add(record)
         del copies, logp
         _release(settings.device)

@@ -13,12 +13,13 @@ from .config import (
     TrainConfig, add_config_flags, flag_overrides, load_yaml, resolve_config,
 )
 
+# The options lens-eval reads (the others are training options: no flag for them).
 EVAL_OPTIONS = [
     "model", "eval_data", "eval_samples", "eval_ks", "eval_prompts", "temperature", "top_p",
     "max_new_tokens", "prompt_template", "use_chat_template", "max_prompt_tokens", "verifier",
     "verify_timeout", "verify_workers", "device", "bf16", "seed", "rollout", "plugins",
-    "toy_eval_size", "generation_batch_prompts", "prompts_per_step", "cpu_threads",
-    "vllm_gpu_memory_utilization", "loss_backend",
+    "toy_eval_size", "generation_batch_prompts", "cpu_threads", "vllm_gpu_memory_utilization",
+    "progress",
 ]
 
 
@@ -79,7 +80,7 @@ def eval_table(result: dict, ks: Sequence[int]) -> str:
              "|---|---:|" + "---:|" * len(ks)]
     for name in subsets:
         label = {"eval": "all", "eval/hard": "levels 4-5"}.get(name, name.split("/", 1)[-1])
-        cells = [f"{100 * result[f'{name}/pass@{k}']:.1f}" for k in ks]
+        cells = [f"{result[f'{name}/pass@{k}']:.3f}" for k in ks]
         lines.append(f"| {label} | {result[f'{name}/problems']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,7 +119,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
                           config.eval_ks, config.temperature, config.top_p,
                           config.max_new_tokens,
                           config.generation_batch_prompts or config.prompts_per_step,
-                          seed=config.seed)
+                          seed=config.seed, progress=config.progress)
     finally:
         verifier.close()
         engine.close()

@@ -57,7 +57,8 @@ class TrainConfig:
     temperature: float = _opt(1.0, "sampling temperature (also passed to the loss)")
     top_p: float = _opt(1.0, "nucleus sampling; 1.0 = plain sampling")
     max_new_tokens: int = _opt(4096, "completion length cap")
-    generation_batch_prompts: int = _opt(0, "prompts per generate call; 0 = all at once")
+    generation_batch_prompts: int = _opt(0, "prompts per generate call; 0 = all of a step's prompts at "
+                                        "once (and prompts_per_step at a time in evaluation)")
     vllm_gpu_memory_utilization: float = _opt(0.4, "GPU memory share of the vLLM engine")
     # --- rewards ---------------------------------------------------------------------------
     verifier: str = _opt("math-verify", "a name in lens_kernels.train.VERIFIERS")

@@ -46,12 +46,16 @@ def summarize(problems: Sequence[Problem], correct: Sequence[int], n: int,
 
 def evaluate(engine, verifier, problems: Sequence[Problem], prompt_ids: Sequence[Sequence[int]],
              n: int, ks: Sequence[int], temperature: float, top_p: float, max_new_tokens: int,
-             batch_prompts: int, seed: int) -> dict[str, float]:
-    """Sample ``n`` completions per problem (its own RNG stream, so training is unaffected)."""
+             batch_prompts: int, seed: int, progress: bool = False) -> dict[str, float]:
+    """Sample ``n`` completions per problem (its own RNG stream, so training is unaffected);
+    ``progress`` shows a bar counting problems."""
+    from tqdm.auto import tqdm
+
     correct: list[int] = []
     failures = 0
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    bar = tqdm(total=len(problems), desc="eval", unit="problem", disable=not progress)
+    with torch.random.fork_rng(devices=devices), bar:
         torch.manual_seed(seed)
         for start in range(0, len(problems), batch_prompts):
             chunk = problems[start : start + batch_prompts]
@@ -61,6 +65,7 @@ def evaluate(engine, verifier, problems: Sequence[Problem], prompt_ids: Sequence
             failures += sum(v.status in ("timeout", "error") for v in verdicts)
             for i in range(len(chunk)):
                 correct.append(sum(v.status == "correct" for v in verdicts[i * n : (i + 1) * n]))
+            bar.update(len(chunk))
     out = summarize(problems, correct, n, ks)
     out["eval/verify_failures"] = failures
     return out

@@ -11,16 +11,12 @@ the base model's hidden states at the same positions and the head's parameters i
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from .rollout import Rollout
-
-log = logging.getLogger("lens_kernels.train")
-
 
 def fused_head_reason(model) -> Optional[str]:
     """None when the logits are ``base_model(...) @ head.weight.T + head.bias`` with a plain
@@ -74,13 +70,15 @@ class Policy:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # training forward; generate turns its cache on itself
         reason = fused_head_reason(model)
-        if reason is None:
-            tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-            log.info("loss path: fused-linear (hidden states and the %s lm_head weight; no logits)",
-                     "tied" if tied else "separate")
-        else:
-            log.info("loss path: logits then fused_lens_loss (%s)", reason)
         return cls(model, tokenizer, dev, torch.bfloat16 if (on_gpu and bf16) else None, reason)
+
+    @property
+    def loss_path(self) -> str:
+        """What the loss and the old log-probs are computed from, said once in the trainer's log."""
+        if self.fused_head_reason is not None:
+            return f"logits then fused_lens_loss ({self.fused_head_reason})"
+        tied = self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+        return f"fused-linear (hidden states and the {'tied' if tied else 'separate'} lm_head weight; no logits)"
 
     def autocast(self):
         if self.autocast_dtype is None:

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lens-study",
         description="Train every mode for N seeds from matched starts (one warm start per seed, "
-        "the same RL seed for every mode), resumably, then report per-mode means with 95%% "
+        "the same RL seed for every mode), resumably, then report per-mode means with 95% "
         "intervals and paired differences against grpo.  Any lens-train option may be given "
         "(the same for every mode), except --seed and --run-dir.",
     )

@@ -127,14 +127,16 @@ def run(config: TrainConfig) -> dict[str, list[dict]]:
     verifier = make_verifier(config.verifier, config)
     try:
         return {
-            mode: train_mode(config, mode, start, run_dir / mode, verifier)
-            for mode in config.modes
+            mode: train_mode(config, mode, start, run_dir / mode, verifier, announce=i == 0)
+            for i, mode in enumerate(config.modes)
         }
     finally:
         verifier.close()
 
 
-def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verifier) -> list[dict]:
+def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verifier,
+               announce: bool = True) -> list[dict]:
+    """One mode's RL run; ``announce`` logs the loss path (once per run, not per mode)."""
     from tqdm.auto import tqdm
 
     ckpt_dir = out_dir / "checkpoints"
@@ -144,6 +146,8 @@ def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verif
     ckpt = resume.path if resume else None
     seed_everything(config.seed)
     policy = load_policy(ckpt or start, config)
+    if announce:
+        log.info("loss path: %s", policy.loss_path)
     ref = None
     if config.kl_beta > 0:
         ref = load_policy(start, config)
