@@ -51,7 +51,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_step_smoke_run_through_the_cli(tmp_path, capsys, caplog):
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="lens_kernels.train"):
-        assert train_main(_flags({**TINY, "run_dir": str(run_dir), "modes": ["lens", "grpo"]})) == 0
+        assert train_main(_flags({**TINY, "run_dir": str(run_dir), "modes": ["lens", "grpo"]})
+                          + ["--results-json", str(tmp_path / "results.json")]) == 0
     assert caplog.text.count("loss path: fused-linear") == 1, caplog.text  # once per run, not per mode
     caplog.clear()
     printed = capsys.readouterr().out
@@ -76,6 +77,9 @@ def test_two_step_smoke_run_through_the_cli(tmp_path, capsys, caplog):
         assert changed == (mode == "lens" or not only_negative), (mode, only_negative)
     lens = read_metrics(run_dir / "lens" / "metrics.jsonl")
     grpo = read_metrics(run_dir / "grpo" / "metrics.jsonl")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["records"] == {"lens": lens, "grpo": grpo} and results["command"].startswith("lens-train --steps 2")
+    assert results["wall_s"] > 0 and results["versions"]["torch"] == torch.__version__
     assert lens[1]["accuracy"] == grpo[1]["accuracy"]  # same start, same seed, same first rollout
     if lens[1]["negative_group_fraction"] > 0:
         assert grpo[1]["advantage_abs_negative_groups"] == 0.0

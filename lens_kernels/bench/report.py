@@ -66,10 +66,16 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def environment(device: torch.device, command: str, bandwidth: float, timer) -> dict:
+def git_commit() -> Optional[str]:
+    """The short commit of the lens_kernels being run, ``-dirty`` with uncommitted changes; None
+    outside a git checkout."""
     repo = Path(lens_kernels.__file__).resolve().parent.parent
     commit = _run(["git", "rev-parse", "--short", "HEAD"], repo)
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo)
+    return None if commit is None else commit + ("-dirty" if dirty else "")
+
+
+def environment(device: torch.device, command: str, bandwidth: float, timer) -> dict:
     return dict(
         command=command,
         date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -82,7 +88,7 @@ def environment(device: torch.device, command: str, bandwidth: float, timer) -> 
         if device.type == "cuda" else None,
         liger_kernel=_version("liger-kernel"),
         lens_kernels=lens_kernels.__version__,
-        git_commit=None if commit is None else commit + ("-dirty" if dirty else ""),
+        git_commit=git_commit(),
         python=platform.python_version(),
         host_cpu=cpu_model(),
         torch_threads=torch.get_num_threads(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,14 +37,18 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         "on the spot, a supervised warm start on toy arithmetic, then RL once per mode.",
     )
     parser.add_argument("--config", help="YAML file of options (flags override it)")
+    parser.add_argument("--results-json", metavar="PATH", help="also write the command, machine, versions, "
+                        "commit, wall time, load average, options and every metric record to PATH")
     add_config_flags(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     config = resolve_config(args.config, flag_overrides(args))
     _logging()
     from .checkpoint import CheckpointError
-    from .report import comparison_table, plot_curves
+    from .report import comparison_table, load_average, plot_curves, results_document, write_results
     from .trainer import run
 
+    load_at_start = load_average()
     began = time.perf_counter()
     try:
         results = run(config)
@@ -58,6 +63,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                        title=f"{config.model or 'embedded tiny model'}: " + " vs ".join(results))
     print(f"\n{' and '.join(results)} done in {elapsed:.0f} s; metrics in "
           f"{run_dir}/<mode>/metrics.jsonl, plot {plot}")
+    if args.results_json:
+        command = shlex.join(["lens-train", *argv])
+        document = results_document(command, config, results, elapsed, load_at_start)
+        print(f"results in {write_results(Path(args.results_json), document)}")
     return 0
 
 

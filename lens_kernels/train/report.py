@@ -1,10 +1,18 @@
-"""The comparison table and the plot of a run (one curve per mode on shared axes)."""
+"""The comparison table, the plot (one curve per mode on shared axes) and the results file of a
+run: ``lens-train --results-json PATH`` writes the command, the machine, the versions, the
+commit, the wall time with the load average around it, the options and every metric record,
+from which ``scripts/render_docs.py`` renders the tables of the documentation."""
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import platform
 from pathlib import Path
 from typing import Sequence
 
 Records = Sequence[dict]
+VERSIONED = ("torch", "transformers", "numpy", "math-verify", "tokenizers", "lens-kernels")
 
 
 def _window_mean(records: Records, key: str, after: int, upto: int) -> float | None:
@@ -87,4 +95,44 @@ def plot_curves(results: dict[str, Records], path: Path, title: str = "") -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def results_document(command: str, config, results: dict[str, Records], wall_s: float,
+                     load_at_start: list[float] | None) -> dict:
+    """What ``--results-json`` writes: provenance, timing, options and each mode's records."""
+    import torch
+
+    from ..bench.report import _version, cpu_model, git_commit
+
+    return {
+        "command": command,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name() if config.device != "cpu" and torch.cuda.is_available()
+        else f"{cpu_model()} ({os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), **{name: _version(name) for name in VERSIONED}},
+        "git_commit": git_commit(),
+        "wall_s": wall_s,
+        "load_average": {"start": load_at_start, "end": load_average()},
+        "options": config.to_dict(),
+        "records": {mode: list(records) for mode, records in results.items()},
+    }
+
+
+def write_results(path: Path, document: dict) -> Path:
+    """One line per record, so that the file diffs and reads well."""
+    head = {k: v for k, v in document.items() if k != "records"}
+    lines = json.dumps(head, indent=1)[:-2] + ',\n "records": {\n'
+    modes = list(document["records"].items())
+    for i, (mode, records) in enumerate(modes):
+        body = ",\n".join("  " + json.dumps(r) for r in records)
+        lines += f"  {json.dumps(mode)}: [\n{body}\n  ]" + (",\n" if i + 1 < len(modes) else "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(lines + " }\n}\n", encoding="utf-8")
     return path
