@@ -77,21 +77,52 @@ def test_intact_checkpoints_resume_from_latest_quietly(ckpts, caplog):
     assert point.state["sampler"] == {"index": 2} and caplog.text == ""
 
 
-def test_manifest_records_every_file_with_size_and_sha256(ckpts):
+def _digest(kind: str, data: bytes) -> str:
+    if kind == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128(data).hexdigest()
+    return hashlib.new(kind, data).hexdigest()
+
+
+def test_manifest_records_every_file_with_size_and_content_hash(ckpts):
     folder = ckpts / "step_000002"
     manifest = json.loads((folder / ck.MANIFEST).read_text())
-    assert manifest["format"] == 2 and manifest["hash"] == "sha256"
+    assert manifest["format"] == 2 and manifest["hash"] == ck.HASH
     files = sorted(p.name for p in folder.iterdir() if p.name != ck.MANIFEST)
     assert sorted(manifest["files"]) == files and ck.STATE_FILE in files
     for name, entry in manifest["files"].items():
         data = (folder / name).read_bytes()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+        assert entry == {"size": len(data), ck.HASH: _digest(ck.HASH, data)}, name
 
 
-def test_flipped_bytes_are_named_as_a_content_change(ckpts):
-    _flip(ckpts / "step_000002" / "model.safetensors")
-    problem = ck.checkpoint_problem(ckpts / "step_000002")
-    assert problem.startswith(f"{ckpts / 'step_000002' / 'model.safetensors'}: its content differs")
+@pytest.mark.parametrize("kind", ["xxh3_128", "sha256"])  # sha256: where xxhash is not installed
+def test_flipped_bytes_are_named_as_a_content_change(tmp_path, monkeypatch, kind):
+    if kind == "xxh3_128":
+        pytest.importorskip("xxhash")
+    monkeypatch.setattr(ck, "HASH", kind)
+    tok = build_toy_tokenizer()
+    model = build_toy_model(tok, 16, 1, 2, seed=0)
+    folder = ck.save_checkpoint(tmp_path, 1, model, tok, torch.optim.SGD(model.parameters(), lr=1.0), {},
+                                keep=1, config_yaml="")
+    assert json.loads((folder / ck.MANIFEST).read_text())["hash"] == kind
+    assert ck.checkpoint_problem(folder) is None
+    _flip(folder / "model.safetensors")
+    problem = ck.checkpoint_problem(folder)
+    assert problem == (f"{folder / 'model.safetensors'}: its content differs from the {kind} hash that "
+                       "manifest.json recorded (changed on disk since it was saved)")
+
+
+def test_hashes_this_python_cannot_compute_are_skipped_with_a_notice(ckpts, caplog):
+    folder = ckpts / "step_000002"
+    manifest = json.loads((folder / ck.MANIFEST).read_text())
+    (folder / ck.MANIFEST).write_text(json.dumps(dict(manifest, hash="xxh9")))
+    _flip(folder / "model.safetensors")  # not detectable without the hash
+    with caplog.at_level(logging.INFO, logger="lens_kernels.train"):
+        assert ck.checkpoint_problem(folder) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{folder / ck.MANIFEST}: content hashes of kind 'xxh9', which this Python cannot compute (for "
+        "xxh3_128: pip install xxhash); checked by file size only"]
 
 
 def test_manifest_without_hashes_is_checked_by_size_with_a_notice(ckpts, caplog):

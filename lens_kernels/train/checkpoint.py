@@ -5,9 +5,10 @@ renamed into place (``os.replace`` is atomic), and only then is ``latest`` repoi
 atomic rename) and are old checkpoints pruned.  A run killed at any instant therefore leaves
 the previous checkpoint intact and ``latest`` naming a complete one.
 
-Each checkpoint lists its files with their sizes and SHA-256 content hashes in
-``manifest.json``, written last (the files are hashed in a background thread while the
-optimizer state is written and the files are flushed).  On resume (``resume_point``) a checkpoint
+Each checkpoint lists its files with their sizes and content hashes in ``manifest.json``,
+written last: xxHash's XXH3-128 (``xxhash``; SHA-256 where it is not installed) of each file.
+The optimizer state is hashed as it is written; the model files are read back through
+``mmap`` from the page cache by a background thread meanwhile.  On resume (``resume_point``) a checkpoint
 that is missing, truncated, unreadable or changed on disk (a hash that differs, even at the same
 size) is never trained over: the newest intact one is used instead, and the damaged ones are
 renamed ``damaged-step_*`` and kept; when none is intact, ``CheckpointError`` names the files
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
+import io
 import json
 import logging
+import mmap
 import os
 import random
 import re
@@ -35,7 +39,9 @@ import torch
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 1 (no "format" key): {file: size}; 2: sizes and content hashes
-HASH = "sha256"
+# XXH3-128 hashes ~20 GB/s from the page cache on one core (SHA-256 ~1 GB/s): the content hash of
+# a checkpoint costs ~1 % of its save (docs/trainer.md, scripts/measure_checkpoint_hash.py).
+HASH = "xxh3_128" if importlib.util.find_spec("xxhash") else "sha256"
 HASH_BLOCK = 16 * 2**20
 STEP_DIR = re.compile(r"step_(\d+)")
 log = logging.getLogger("lens_kernels.train")
@@ -109,23 +115,58 @@ def save_model(folder: Path, model, tokenizer, extra_files: Optional[dict[str, s
     _replace_dir(tmp, folder)
 
 
-def file_hash(path: Path) -> str:
-    """The ``HASH`` of a file's bytes (hex), read in ``HASH_BLOCK`` blocks (the GIL is released
-    while reading and hashing, so other threads go on)."""
-    digest = hashlib.new(HASH)
-    block = bytearray(HASH_BLOCK)
-    view = memoryview(block)
-    with open(path, "rb", buffering=0) as f:
-        while size := f.readinto(block):
-            digest.update(view[:size])
+def _hasher(name: str):
+    """A new hash object of kind ``name`` (``xxh3_128`` or a ``hashlib`` name); None when this
+    Python cannot compute it (``xxhash`` not installed, an unknown name)."""
+    if name == "xxh3_128":
+        if importlib.util.find_spec("xxhash") is None:
+            return None
+        import xxhash
+
+        return xxhash.xxh3_128()
+    try:
+        return hashlib.new(name)
+    except (ValueError, TypeError):
+        return None
+
+
+def file_hash(path: Path, name: str) -> str:
+    """The ``name`` hash (``HASH`` for new manifests) of a file's bytes, hex: read through
+    ``mmap`` in ``HASH_BLOCK`` blocks (no copy; the hash releases the GIL, so other threads go
+    on)."""
+    digest = _hasher(name)
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    for start in range(0, len(view), HASH_BLOCK):
+                        digest.update(view[start:start + HASH_BLOCK])
+                finally:
+                    view.release()
     return digest.hexdigest()
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file open for writing that hashes every byte on its way to the file."""
+
+    def __init__(self, file, digest) -> None:
+        super().__init__()
+        self._file, self._digest = file, digest
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        return self._file.write(data)
 
 
 class _Hashes:
     """Content hashes of a folder's files, computed by one background thread while the caller
-    goes on writing (it reads the files back from the page cache).  ``add(folder)`` queues every
-    file not yet queued; ``of(folder)`` waits for them all.  A context manager: leaving it
-    cancels what is still queued."""
+    goes on writing (it reads the files back from the page cache), or while they are written
+    (``torch_save``).  ``add(folder)`` queues every file not yet hashed; ``of(folder)`` waits
+    for them all.  A context manager: leaving it cancels what is still queued."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lens-checkpoint-hash")
@@ -140,7 +181,16 @@ class _Hashes:
     def add(self, folder: Path) -> None:
         for path in sorted(folder.rglob("*")):
             if path.is_file() and path not in self._jobs:
-                self._jobs[path] = self._pool.submit(file_hash, path)
+                self._jobs[path] = self._pool.submit(file_hash, path, HASH)
+
+    def torch_save(self, obj, path: Path) -> None:
+        """``torch.save(obj, path)``, hashed as it is written (the largest file of a checkpoint,
+        the optimizer state, is never read back)."""
+        digest = _hasher(HASH)
+        with open(path, "wb") as file:
+            torch.save(obj, _HashingWriter(file, digest))
+        self._jobs[path] = Future()
+        self._jobs[path].set_result(digest.hexdigest())
 
     def of(self, folder: Path) -> dict[Path, str]:
         self.add(folder)
@@ -191,7 +241,7 @@ def save_checkpoint(
     state = dict(trainer_state, step=step, optimizer=optimizer.state_dict(), rng=rng_state())
     with _Hashes() as hashes:
         hashes.add(tmp)  # the model files are hashed while the optimizer state is written
-        torch.save(state, tmp / STATE_FILE)
+        hashes.torch_save(state, tmp / STATE_FILE)
         _write_manifest(tmp, hashes)
     final = ckpt_dir / name
     _replace_dir(tmp, final)
@@ -233,41 +283,31 @@ def _safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
-def _manifest_files(path: Path) -> tuple[Optional[dict[str, dict]], Optional[str]]:
-    """``(files, problem)``: the manifest's ``{name: {"size": n, HASH: hex}}`` (no hashes in a
-    format-1 manifest; ``{}`` without a manifest, as in folders written before manifests)."""
+def _manifest_files(path: Path) -> tuple[Optional[dict[str, dict]], Optional[str], Optional[str]]:
+    """``(files, hash, problem)``: the manifest's ``{name: {"size": n, hash: hex}}`` and the kind
+    of hash to check (None: sizes only, for manifests written before content hashes, or hashes
+    this Python cannot compute; a one-line notice says so); ``{}`` without a manifest."""
     manifest = path / MANIFEST
     if not manifest.exists():
-        return {}, None
+        return {}, None, None
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except ValueError as err:
-        return None, f"{manifest}: unreadable ({err})"
+        return None, None, f"{manifest}: unreadable ({err})"
     if isinstance(data, dict) and "format" not in data and all(isinstance(v, int) for v in data.values()):
         log.info("%s: no content hashes (written before lens-kernels recorded them); checked by "
                  "file size only", manifest)
-        return {name: {"size": size} for name, size in data.items()}, None
+        return {name: {"size": size} for name, size in data.items()}, None, None
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("size"), int)
                                               for v in files.values()):
-        return None, f"{manifest}: expected {{'format': {MANIFEST_FORMAT}, 'files': {{name: {{'size': ...}}}}}}"
-    if data.get("hash") != HASH:
-        log.info("%s: content hashes of an unknown kind %r; checked by file size only", manifest, data.get("hash"))
-        files = {name: {"size": entry["size"]} for name, entry in files.items()}
-    return files, None
-
-
-_VERIFIED: dict[tuple, str] = {}
-
-
-def _verified_hash(file: Path) -> str:
-    """``file_hash(file)``, remembered for this process by device, inode, size and modification
-    time: a checkpoint verified on resume is not hashed again when its model is loaded."""
-    stat = file.stat()
-    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _VERIFIED:
-        _VERIFIED[key] = file_hash(file)
-    return _VERIFIED[key]
+        return None, None, f"{manifest}: expected {{'format': {MANIFEST_FORMAT}, 'files': {{name: {{'size': ...}}}}}}"
+    kind = data.get("hash")
+    if not isinstance(kind, str) or _hasher(kind) is None:
+        log.info("%s: content hashes of kind %r, which this Python cannot compute (for xxh3_128: pip "
+                 "install xxhash); checked by file size only", manifest, kind)
+        kind = None
+    return files, kind, None
 
 
 def checkpoint_problem(path: Path) -> Optional[str]:
@@ -282,7 +322,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     path = Path(path)
     if not path.is_dir():
         return f"{path}: missing"
-    files, problem = _manifest_files(path)
+    files, kind, problem = _manifest_files(path)
     if problem:
         return problem
     for name, entry in files.items():
@@ -296,8 +336,8 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         if problem:
             return problem
     for name, entry in files.items():
-        if HASH in entry and _verified_hash(path / name) != entry[HASH]:
-            return (f"{path / name}: its content differs from the {HASH} that {MANIFEST} recorded "
+        if kind is not None and file_hash(path / name, kind) != entry.get(kind):
+            return (f"{path / name}: its content differs from the {kind} hash that {MANIFEST} recorded "
                     "(changed on disk since it was saved)")
     return None
 

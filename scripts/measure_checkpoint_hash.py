@@ -1,0 +1,128 @@
+"""What the checkpoint content hashes cost (docs/trainer.md, "Evaluation, checkpoints, resume").
+
+Saves a Qwen2.5-0.5B-shaped policy (494M parameters, fp32: a 1.98 GB model.safetensors) with
+its AdamW state (3.95 GB in trainer_state.pt) through ``save_checkpoint``, alternating saves
+with the content hashes on and off (off: a hash that reads nothing); then times hashing the
+checkpoint alone (``checkpoint.HASH``, and SHA-256 for comparison) and what a resume adds:
+``checkpoint_problem`` (sizes, headers, hashes) against loading the state and the weights.
+Everything is written under ``--dir`` (default: a temporary folder) and deleted at the end.
+
+    python scripts/measure_checkpoint_hash.py --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_state():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lens_kernels.train.toy import build_toy_tokenizer
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+    optimizer.step()  # creates exp_avg and exp_avg_sq: the 2x-model optimizer state of a real run
+    for p in model.parameters():
+        p.grad = None
+    return model, build_toy_tokenizer(), optimizer
+
+
+class NoHash:
+    """Takes the bytes and hashes nothing: a save "without hashing"."""
+
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    from lens_kernels.train import checkpoint as ck
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="saves with hashes, and as many without")
+    parser.add_argument("--dir", help="where to write (default: a temporary folder); deleted after")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="lens-ckpt-hash-", dir=args.dir))
+    real_hasher = ck._hasher
+    try:
+        began = time.perf_counter()
+        model, tokenizer, optimizer = build_state()
+        print(f"state built in {time.perf_counter() - began:.1f} s", flush=True)
+        times = {"hashed": [], "unhashed": []}
+        step = 0
+        for _ in range(args.rounds):
+            for kind in ("unhashed", "hashed"):
+                ck._hasher = real_hasher if kind == "hashed" else (lambda name: NoHash())
+                step += 1
+                began = time.perf_counter()
+                final = ck.save_checkpoint(root, step, model, tokenizer, optimizer, {"sampler": {}}, keep=1,
+                                           config_yaml="")
+                times[kind].append(time.perf_counter() - began)
+                print(f"save {step} ({kind}): {times[kind][-1]:.2f} s", flush=True)
+        ck._hasher = real_hasher
+        size = folder_bytes(final)
+        hash_alone = {}
+        for kind in dict.fromkeys((ck.HASH, "sha256")):
+            hash_alone[kind] = []
+            for _ in range(args.rounds):
+                began = time.perf_counter()
+                for path in sorted(final.rglob("*")):
+                    if path.is_file():
+                        ck.file_hash(path, kind)
+                hash_alone[kind].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        problem = ck.checkpoint_problem(final)
+        verify = time.perf_counter() - began
+        assert problem is None, problem
+        began = time.perf_counter()
+        ck.load_trainer_state(final)
+        from safetensors.torch import load_file
+
+        load_file(final / "model.safetensors")
+        load = time.perf_counter() - began
+        hashed, unhashed = statistics.median(times["hashed"]), statistics.median(times["unhashed"])
+        result = {
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "checkpoint_bytes": size,
+            "save_s": {"hashed": times["hashed"], "unhashed": times["unhashed"]},
+            "save_median_s": {"hashed": hashed, "unhashed": unhashed},
+            "hash_cost_of_save": (hashed - unhashed) / unhashed,
+            "hash": ck.HASH,
+            "hash_alone_s": hash_alone,
+            "hash_alone_GBps": {kind: size / min(times) / 1e9 for kind, times in hash_alone.items()},
+            "resume_verify_s": verify,
+            "resume_load_s": load,
+        }
+        print(json.dumps(result, indent=1))
+    finally:
+        ck._hasher = real_hasher
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
