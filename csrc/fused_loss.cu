@@ -55,9 +55,9 @@ __global__ void __launch_bounds__(kMaxThreads) fused_loss_kernel(const T* logits
     const T* x = logits + b * args.stride_b + t * args.stride_t;
     const int64_t target = args.target[b * args.target_stride_b + t * args.target_stride_t];
     float z_target;
-    const float lse = row_stats<T, false>(x, args.vocab, args.stride_v, args.scale, target, z_target).lse;
+    const RowStats stats = row_stats<T, false>(x, args.vocab, args.stride_v, args.scale, target, z_target);
     if (threadIdx.x == 0) {
-      const float lp = z_target - lse;
+      const float lp = stats.log_p(z_target);
       const double old = args.old == nullptr ? lp : args.old[b * args.old_stride_b + t * args.old_stride_t];
       const double ref = args.ref == nullptr ? lp : args.ref[b * args.ref_stride_b + t * args.ref_stride_t];
       const double weight = args.weights[b];
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kMaxThreads) fused_loss_kernel(const T* logits
     const float coef = coef_shared;  // the same in every thread: the branch below is uniform
     if (out != nullptr)
       thread_write_grad<T, false>(x, out, args.vocab, args.stride_v, args.grad_stride_v, target, coef, 0.f,
-                                  args.scale, lse, 0.f);
+                                  args.scale, LogSumExp{stats.m, stats.log_s}, 0.f);
     __syncthreads();  // coef_shared is rewritten by the next row
   }
 }

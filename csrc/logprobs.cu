@@ -37,8 +37,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     const RowStats stats = row_stats<T, kEntropy>(x, vocab, stride_v, scale,
                                                   target[b * target_stride_b + t * target_stride_t], z_target);
     if (threadIdx.x == 0) {
-      lse[row] = stats.lse;
-      logp[row] = z_target - stats.lse;
+      lse[row] = stats.lse();
+      logp[row] = stats.log_p(z_target);
       if constexpr (kEntropy) ent[row] = stats.ent;
     }
   }
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float coef_h = kEntropy ? grad_ent[row] * factor : 0.f;
     thread_write_grad<T, kEntropy>(logits + b * stride_b + t * stride_t, grad + b * grad_stride_b + t * grad_stride_t,
                                    vocab, stride_v, grad_stride_v, target[b * target_stride_b + t * target_stride_t],
-                                   coef, coef_h, scale, lse[row], kEntropy ? ent[row] : 0.f);
+                                   coef, coef_h, scale, LogSumExp{lse[row], 0.f}, kEntropy ? ent[row] : 0.f);
   }
 }
 

@@ -155,6 +155,13 @@ __device__ Stats<kEntropy> thread_stats(const T* x, int64_t vocab, int64_t strid
   return acc;
 }
 
+// A logsumexp in two parts, hi + lo: the row's max m and log s in the one-pass loss (so that
+// log p = (z - m) - log s keeps a near-certain token's precision), a saved lse and 0 otherwise.
+struct LogSumExp {
+  float hi;
+  float lo;
+};
+
 // out[v] = coef * (1[v == target] - p_v) - coef_h * p_v * (log p_v + ent), p = exp(x / t - lse),
 // for this thread's elements of one row (coef, coef_h: d loss / d logp and d loss / d ent times
 // 1 / t; the entropy term only with kEntropy, and p_v = 0 adds exactly 0).  x and out may be
@@ -162,11 +169,11 @@ __device__ Stats<kEntropy> thread_stats(const T* x, int64_t vocab, int64_t strid
 // exact in fp32 for p >= 1/2, so the target's gradient keeps the precision of p.
 template <typename T, bool kEntropy>
 __device__ void thread_grad_row(const T* x, T* out, int64_t vocab, int64_t stride_v, int64_t out_stride_v,
-                                int64_t target, float coef, float coef_h, Scale scale, float row_lse, float ent) {
+                                int64_t target, float coef, float coef_h, Scale scale, LogSumExp lse, float ent) {
   constexpr int kV = kVec<T>;
   const int64_t step = blockDim.x;
   const auto grad = [=](float logit, int64_t v) {
-    const float log_p = scale(logit) - row_lse;
+    const float log_p = (scale(logit) - lse.hi) - lse.lo;
     const float p = expf(log_p);
     if constexpr (kEntropy) {
       return (v == target ? coef : 0.f) - (p > 0.f ? p * (coef + coef_h * (log_p + ent)) : 0.f);
@@ -220,10 +227,15 @@ __device__ void thread_zero_row(T* out, int64_t vocab, int64_t out_stride_v) {
 }
 
 
-// The logsumexp of one row and, with kEntropy, the entropy of its softmax (0 without).
+// The logsumexp of one row, as its max m and log s (lse = m + log s), and with kEntropy the
+// entropy of its softmax (0 without).
 struct RowStats {
-  float lse;
+  float m;
+  float log_s;
   float ent;
+  __device__ float lse() const { return m + log_s; }
+  // log p of a scaled logit z, to the precision of log p (z - lse would round to lse's last place).
+  __device__ float log_p(float z) const { return (z - m) - log_s; }
 };
 
 // This block's statistics of one row (every thread gets them) and (thread 0 only) the target's
@@ -236,14 +248,14 @@ __device__ RowStats row_stats(const T* x, int64_t vocab, int64_t stride_v, Scale
   const Stats<kEntropy> acc = block_reduce(thread_stats<T, kEntropy>(x, vocab, stride_v, scale),
                                            StatsMerge<kEntropy>{}, Stats<kEntropy>{-INFINITY, 0.f, 0.f});
   const float log_s = logf(acc.s);
-  return {acc.m + log_s, kEntropy ? log_s - acc.u / acc.s : 0.f};
+  return {acc.m, log_s, kEntropy ? log_s - acc.u / acc.s : 0.f};
 }
 
 // Writes this thread's share of one gradient row: zeros without reading the logits when every
 // coefficient is 0 (padding, zero-advantage rows, clipped tokens), else thread_grad_row.
 template <typename T, bool kEntropy>
 __device__ void thread_write_grad(const T* x, T* out, int64_t vocab, int64_t stride_v, int64_t out_stride_v,
-                                  int64_t target, float coef, float coef_h, Scale scale, float lse, float ent) {
+                                  int64_t target, float coef, float coef_h, Scale scale, LogSumExp lse, float ent) {
   if (coef == 0.f && (!kEntropy || coef_h == 0.f)) {
     thread_zero_row(out, vocab, out_stride_v);
   } else {

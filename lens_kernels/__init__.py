@@ -8,6 +8,7 @@ from .advantages import LensAdvantages, lens_advantages, lens_advantages_from_st
 from .api import fused_lens_loss, token_logprobs
 from .backends import is_available
 from .linear_api import fused_linear_lens_loss, fused_linear_token_logprobs
+from .modules import FusedLinearLensLoss, LensLoss
 from .output import LensOutput
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "token_logprobs",
     "fused_linear_lens_loss",
     "fused_linear_token_logprobs",
+    "LensLoss",
+    "FusedLinearLensLoss",
     "lens_advantages",
     "lens_advantages_from_stats",
     "reference",

@@ -64,11 +64,9 @@ def fused_linear_token_logprobs(
     """
     shape = check_linear(hidden, weight, bias, target_ids, packed=True)
     checks = ValueChecks(check_values)
-    stand_in = logits_stand_in(hidden, shape.vocab)
-    as_rows = (lambda t: t.unsqueeze(0)) if len(shape.lead) == 1 else (lambda t: t)  # noqa: E731  [N] -> [1, N]
     if completion_mask is not None:
         completion_mask = live_mask(check_mask(completion_mask, shape.lead, hidden.device, checks, "hidden's"))
-    check_targets(as_rows(target_ids), stand_in, None if completion_mask is None else as_rows(completion_mask), checks)
+    check_targets(target_ids, logits_stand_in(hidden, shape.vocab), completion_mask, checks)
     temperature = check_temperature(temperature)
     backend = check_linear_backend(backend, hidden)
     gemm = check_linear_gemm(gemm, backend)
@@ -115,9 +113,10 @@ def fused_linear_lens_loss(
     """``fused_lens_loss`` of the logits ``hidden @ weight.T + bias``, which are never made.
 
     ``hidden [B, T, d]``, ``weight [V, d]``, ``bias [V]`` as in
-    :func:`fused_linear_token_logprobs`; every other argument, the options and the returned
-    :class:`LensOutput` are those of :func:`lens_kernels.fused_lens_loss` (there are no logits
-    to overwrite, so no ``inplace_backward``).  ``loss.backward()`` gives gradients to
+    :func:`fused_linear_token_logprobs` (``[B, T, d]`` only: confidences and groups are per
+    sequence, which a packed ``[N, d]`` does not delimit); every other argument, the options
+    and the returned :class:`LensOutput` are those of :func:`lens_kernels.fused_lens_loss`
+    (there are no logits to overwrite, so no ``inplace_backward``).  ``loss.backward()`` gives gradients to
     ``hidden``, ``weight`` and ``bias``; a weight shared with the input embedding (tied
     embeddings) receives both gradients through autograd.  ``logprobs`` is 0 at masked-out
     positions.

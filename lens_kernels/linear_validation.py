@@ -74,12 +74,10 @@ def check_linear(hidden, weight, bias, target_ids, packed: bool = False) -> Line
 
 
 def logits_stand_in(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
-    """A ``[B, T, V]`` tensor with hidden's dtype and device and no storage (one element,
-    expanded), so that the checks written for ``logits`` (target ids, mask, rewards, groups,
-    options) validate the fused-linear arguments unchanged; packed ``[N, d]`` hidden states
-    give ``[1, N, V]`` (one row of ``N`` positions)."""
-    lead = hidden.shape[:-1]
-    return hidden.new_empty(()).expand(*((1,) if len(lead) == 1 else ()), *lead, vocab)
+    """A ``[B, T, V]`` (packed: ``[N, V]``) tensor with hidden's dtype and device and no
+    storage (one element, expanded), so that the checks written for ``logits`` (target ids,
+    mask, rewards, groups, options) validate the fused-linear arguments unchanged."""
+    return hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
 
 
 def check_linear_backend(backend, hidden: torch.Tensor) -> str:

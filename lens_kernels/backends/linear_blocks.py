@@ -95,28 +95,31 @@ def linear_logprobs_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target_ids: torch.Tensor,
     inv_temperature: float, backend: str, live: Optional[torch.Tensor] = None, entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(logp [N], lse [2, N], None)`` fp32 (``lse`` as the ``(logsumexp, 0)`` parts of the
-    fused-linear op's contract, ``linear_ops``) of ``hidden [N, d]``, ``weight [V, d]``, ``bias``
-    and ``target_ids [N]`` (ids outside ``[0, V)`` give NaN) through ``backend``'s row kernels;
+    """``(logp [N], lse [2, N], ent [N] or None)`` fp32 (``lse`` as the ``(logsumexp, 0)``
+    parts of the fused-linear op's contract, ``linear_ops``; ``ent`` with ``entropy``, from
+    the same sweep of each row) of ``hidden [N, d]``, ``weight [V, d]``, ``bias`` and
+    ``target_ids [N]`` (ids outside ``[0, V)`` give NaN) through ``backend``'s row kernels;
     0 at rows where ``live [N]`` (bool, optional) is False (the library GEMM still makes their
     logits: skipping them would need their count on the host)."""
-    if entropy:
-        raise NotImplementedError("entropy on row blocks")
     rows = hidden.shape[0]
     vocab = weight.shape[0]
     logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
-    lse = torch.empty_like(logp)
+    lse = torch.zeros((2, rows), device=hidden.device, dtype=torch.float32)  # row 1: 0, the kernels give it whole
+    ent = torch.empty_like(logp) if entropy else None
     kernels = get(backend)
     buffer, spans = blocks(hidden, vocab)
     for r in spans:
         z = buffer[: r.stop - r.start]
         logits_into(z, hidden[r], weight, bias)
-        block_logp, block_lse, _ = kernels.logprobs_forward(z[:, None], target_ids[r, None], inv_temperature)
-        logp[r] = block_logp[:, 0]
-        lse[r] = block_lse[:, 0]
+        block_logp, block_lse, block_ent = kernels.logprobs_forward(z[:, None], target_ids[r, None], inv_temperature,
+                                                                    entropy=entropy)
+        logp[r], lse[0, r] = block_logp[:, 0], block_lse[:, 0]
+        if entropy:
+            ent[r] = block_ent[:, 0]
     if live is not None:
         logp, lse = torch.where(live, logp, 0), torch.where(live, lse, 0)
-    return logp, torch.stack((lse, torch.zeros_like(lse))), None
+        ent = None if ent is None else torch.where(live, ent, 0)
+    return logp, lse, ent
 
 
 def linear_logprobs_backward(
@@ -124,10 +127,9 @@ def linear_logprobs_backward(
     target_ids: torch.Tensor, lse: torch.Tensor, inv_temperature: float, backend: str,
     grad_entropy: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(dh [N, d], dW [V, d], dbias [V] or None)`` in the inputs' dtypes from ``grad_logp [N]``
-    and the forward's ``lse [2, N]`` (fp32); rows with ``grad_logp == 0`` add nothing."""
-    if grad_entropy is not None:
-        raise NotImplementedError("entropy on row blocks")
+    """``(dh [N, d], dW [V, d], dbias [V] or None)`` in the inputs' dtypes from ``grad_logp [N]``,
+    the forward's ``lse [2, N]`` and, when given, ``grad_entropy [N]`` with the forward's
+    ``entropy [N]`` (all fp32); rows whose gradients are all 0 add nothing."""
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     dh = torch.empty((rows, dim), device=hidden.device, dtype=hidden.dtype)
@@ -135,12 +137,16 @@ def linear_logprobs_backward(
     db = None if bias is None else torch.zeros(vocab, device=hidden.device, dtype=torch.float32)
     kernels = get(backend)
     lse = lse.sum(0)
+    active = grad_logp != 0
+    if grad_entropy is not None:
+        active |= grad_entropy != 0
     buffer, spans = blocks(hidden, vocab)
     for r in spans:
         z = buffer[: r.stop - r.start]
-        g = grad_logp[r]
-        h = torch.where((g != 0)[:, None], hidden[r], 0)
+        h = torch.where(active[r, None], hidden[r], 0)
         logits_into(z, h, weight, bias)
-        kernels.logprobs_backward(g[:, None], z[:, None], target_ids[r, None], lse[r, None], inv_temperature, True)
+        with_entropy = {} if grad_entropy is None else dict(grad_entropy=grad_entropy[r, None], entropy=entropy[r, None])
+        kernels.logprobs_backward(grad_logp[r, None], z[:, None], target_ids[r, None], lse[r, None], inv_temperature,
+                                  True, **with_entropy)
         add_weight_grads(z, h, weight, r, dh, dw, db)
     return dh, dw, None if db is None else db.to(bias.dtype)

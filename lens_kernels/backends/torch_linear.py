@@ -4,9 +4,8 @@ Runs on any device and in float64 (for tests and gradcheck).  The logits
 ``z = (hidden @ weight.T + bias) / t`` are computed one ``[rows, cols]`` rectangle at a time in
 the accumulation dtype (fp32, float64 for float64 inputs), so temporaries stay below about
 ``CHUNK_BYTES`` whatever ``N`` and ``V`` are.  In fp32 the scaling is ``x * hi + x * lo`` with
-``(hi, lo) = split_float(1 / t)`` (unbiased; ``x * fp32(1 / t)`` would carry fp32(1/t)'s
-one-sided error into every log-prob; an infinite ``x`` takes ``x * hi`` alone, since
-``inf * hi + inf * lo`` is NaN when ``lo < 0``); in float64 it is ``x * (1 / t)``.
+``(hi, lo) = split_float(1 / t)`` (unbiased without an fma; ``x * fp32(1 / t)`` would carry
+fp32(1/t)'s one-sided error into every log-prob); in float64 it is ``x * (1 / t)``.
 
 * forward: per row chunk (live rows only, when the caller says which), an online logsumexp
   over the column chunks (running max ``m``, rescaled sum ``s = sum exp(z - m)``), the target
@@ -59,11 +58,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     if z.dtype == torch.float64:
         return z.mul_(inv_t)
     hi, lo = split_float(inv_t)
-    if not lo:
-        return z.mul_(hi)
-    # an infinite logit's low part would be +-inf of lo's sign (inf - inf = NaN): it adds 0
-    low = torch.nan_to_num_(z * lo, nan=0.0, posinf=0.0, neginf=0.0)
-    return z.mul_(hi).add_(low)
+    return z.mul(lo).add_(z.mul_(hi)) if lo else z.mul_(hi)  # lo has hi's sign: inf stays inf
 
 
 def _x_log_x(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:

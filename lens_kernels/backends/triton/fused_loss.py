@@ -48,7 +48,7 @@ def _fused_loss_kernel(
     if live:
         row_ptr = logits_ptr + b * stride_b + t * stride_t
         target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
-        logp, lse, _ = row_logprob(row_ptr, target, V, stride_v, inv_t_hi, inv_t_lo, SCALE, BLOCK_V, False)
+        logp, m, log_s, _ = row_logprob(row_ptr, target, V, stride_v, inv_t_hi, inv_t_lo, SCALE, BLOCK_V, False)
         logp64 = logp.to(tl.float64)
         if HAS_OLD:
             old = tl.load(old_ptr + b * stride_ob + t * stride_ot).to(tl.float64)
@@ -68,7 +68,7 @@ def _fused_loss_kernel(
         tl.store(parts_ptr + 2 * N + row, k3)
         if WRITE_GRAD:
             coef = (weight * d_loss).to(tl.float32) * (inv_t_hi + inv_t_lo)
-            write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, 0.0, lse, 0.0,
+            write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, 0.0, m, log_s, 0.0,
                            inv_t_hi, inv_t_lo, SCALE, BLOCK_V, False)
     else:
         tl.store(logp_ptr + row, 0.0)
@@ -76,7 +76,7 @@ def _fused_loss_kernel(
         tl.store(parts_ptr + N + row, 0.0)
         tl.store(parts_ptr + 2 * N + row, 0.0)
         if WRITE_GRAD:
-            write_row_grad(logits_ptr, grad_row_ptr, 0, V, stride_v, stride_gv, 0.0, 0.0, 0.0, 0.0,
+            write_row_grad(logits_ptr, grad_row_ptr, 0, V, stride_v, stride_gv, 0.0, 0.0, 0.0, 0.0, 0.0,
                            inv_t_hi, inv_t_lo, SCALE, BLOCK_V, False)
 
 

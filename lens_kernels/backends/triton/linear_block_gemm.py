@@ -47,7 +47,7 @@ def _block_logits_kernel(
         col_ok = cols < V
         z = logits_tile(
             h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
-            stride_hn, stride_hd, stride_wv, stride_wd, 1.0,
+            stride_hn, stride_hd, stride_wv, stride_wd, 1.0, 0.0,
             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION, UPCAST,
         )
         out = z_ptr + rows.to(tl.int64)[:, None] * stride_zn + cols[None, :]

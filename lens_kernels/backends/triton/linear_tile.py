@@ -1,10 +1,13 @@
-"""What the fused-linear kernels share: one logit tile ``z = (h @ W.T + b) * inv_t``, the
+"""What the fused-linear kernels share: one logit tile ``z = (h @ W.T + b) / t``, the
 fixed sizes (``Tiles``) and the autotuned tile configurations (``CONFIGS``, ``autotuned``).
 
 ``logits_tile`` computes a ``[BLOCK_N, BLOCK_V]`` fp32 tile from ``hidden [N, d]`` and
 ``weight [V, d]`` (any strides) by a ``tl.dot`` loop over ``d`` in ``BLOCK_K`` steps with fp32
 accumulation; rows ``>= N`` and ``d``-lanes ``>= d`` load 0, vocabulary columns ``>= V`` come out
-``-inf`` (never 0: a 0 there would be a phantom token in the softmax).  fp32 inputs use IEEE
+``-inf`` (never 0: a 0 there would be a phantom token in the softmax).  The scaling by
+``1 / t`` is ``fma(x, hi, x * lo)`` with ``(hi, lo) = config.split_float(1 / t)`` (unbiased,
+where ``x * fp32(1 / t)`` gives every fp32 log-prob the same relative bias); an infinite ``x``
+(a ``-inf`` bias) takes ``x * hi`` alone (``inf * lo`` is NaN where ``lo`` is 0).  fp32 inputs use IEEE
 dot precision (``PRECISION = "ieee"``), so fp32 results match PyTorch's fp32 matmul, which does
 not use TF32 by default; bf16/fp16 inputs use the tensor cores with fp32 accumulation.  Every
 dot goes through ``dot``: Triton's CPU interpreter multiplies the raw bits of 2-byte floats in
@@ -48,13 +51,20 @@ def rounded(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def scaled(x, inv_t_hi, inv_t_lo):
+    """``x / t`` as ``fma(x, hi, x * lo)``; ``x * hi`` where ``x`` is infinite."""
+    return tl.where(tl.abs(x) < float("inf"), tl.fma(x, inv_t_hi, x * inv_t_lo), x * inv_t_hi)
+
+
+@triton.jit
 def logits_tile(
     h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
-    stride_hn, stride_hd, stride_wv, stride_wd, inv_t,
+    stride_hn, stride_hd, stride_wv, stride_wd, inv_t_hi, inv_t_lo,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """``[BLOCK_N, BLOCK_V]`` fp32 logits of ``rows`` x ``cols``, ``-inf`` where ``~col_ok``."""
+    """``[BLOCK_N, BLOCK_V]`` fp32 logits of ``rows`` x ``cols`` scaled by ``1 / t`` (its fp32
+    parts ``inv_t_hi``, ``inv_t_lo``), ``-inf`` where ``~col_ok``."""
     ks = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
@@ -67,7 +77,7 @@ def logits_tile(
         acc = dot(h, w, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
+    return tl.where(col_ok[None, :], scaled(acc, inv_t_hi, inv_t_lo), float("-inf"))
 
 
 class Tiles(NamedTuple):
@@ -99,24 +109,23 @@ def gpu_configs() -> dict[str, dict[int, list[triton.Config]]]:
     """Candidates per kernel family and input element size (2: bf16/fp16 on the tensor cores
     with fp32 accumulation; 4: fp32 with IEEE dots, half-size tiles).  The first of each list
     is the configuration measured on an H100 before autotuning (benchmarks/NOTES.md, issue 9).
-    Every ``BLOCK_V`` divides the GPU ``Tiles.split_cols`` and ``chunk_align``."""
+    Every ``BLOCK_V`` divides the GPU ``Tiles.split_cols`` and ``chunk_align``.  No candidate
+    spills registers on sm_90 at production shapes in any kernel of its family
+    (``tests/test_compile_targets.py``; the candidates that did, removed without a GPU
+    measurement to justify them, are in benchmarks/results/compile-sm90-sm80.md)."""
     return {
         "logits": {  # [BLOCK_N, BLOCK_V] logit tiles, a loop over d in BLOCK_K steps
-            2: [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_K=64), _config(8, 3, BLOCK_N=128, BLOCK_V=256, BLOCK_K=64),
-                _config(8, 3, BLOCK_N=256, BLOCK_V=128, BLOCK_K=64), _config(4, 4, BLOCK_N=128, BLOCK_V=128, BLOCK_K=64),
-                _config(8, 4, BLOCK_N=128, BLOCK_V=256, BLOCK_K=32)],
-            4: [_config(4, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_K=32), _config(4, 2, BLOCK_N=64, BLOCK_V=128, BLOCK_K=32),
-                _config(8, 2, BLOCK_N=128, BLOCK_V=64, BLOCK_K=32)],
+            2: [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_K=64)],
+            4: [_config(4, 2, BLOCK_N=64, BLOCK_V=64, BLOCK_K=32), _config(8, 2, BLOCK_N=128, BLOCK_V=64, BLOCK_K=32)],
         },
         "dh": {  # [BLOCK_N, BLOCK_D] tiles of dh, a loop over the chunk's columns in BLOCK_K steps
-            2: [_config(8, 3, BLOCK_N=128, BLOCK_D=128, BLOCK_K=64), _config(8, 3, BLOCK_N=128, BLOCK_D=256, BLOCK_K=64),
-                _config(8, 3, BLOCK_N=256, BLOCK_D=128, BLOCK_K=64), _config(4, 4, BLOCK_N=128, BLOCK_D=128, BLOCK_K=64)],
+            2: [_config(8, 3, BLOCK_N=128, BLOCK_D=128, BLOCK_K=64)],
             4: [_config(4, 2, BLOCK_N=64, BLOCK_D=64, BLOCK_K=32), _config(8, 2, BLOCK_N=128, BLOCK_D=64, BLOCK_K=32)],
         },
         "dw": {  # [BLOCK_V, BLOCK_D] tiles of dW, a loop over the live row blocks (Tiles.dw_rows)
             2: [_config(8, 3, BLOCK_V=128, BLOCK_D=128), _config(8, 3, BLOCK_V=128, BLOCK_D=256),
                 _config(8, 3, BLOCK_V=256, BLOCK_D=128), _config(4, 4, BLOCK_V=128, BLOCK_D=128)],
-            4: [_config(4, 2, BLOCK_V=64, BLOCK_D=64), _config(8, 2, BLOCK_V=128, BLOCK_D=64)],
+            4: [_config(4, 2, BLOCK_V=64, BLOCK_D=64)],
         },
     }
 

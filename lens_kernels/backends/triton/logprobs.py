@@ -73,10 +73,13 @@ def scale(x, inv_t_hi, inv_t_lo, SCALE: tl.constexpr):
 @triton.jit
 def row_logprob(row_ptr, target, V, stride_v, inv_t_hi, inv_t_lo, SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
                 ENTROPY: tl.constexpr):
-    """``(logp, lse, ent)`` of one row of logits: an online logsumexp in fp32 (running max
-    ``m``, rescaled sum ``s``, and with ``ENTROPY`` the rescaled ``u = sum exp(z - m) (z - m)``;
-    ``ent`` is 0 without it), then one load of the target logit.  An id outside ``[0, V)``
-    reads nothing and gives NaN (ids are range-checked at the public boundary)."""
+    """``(logp, m, log_s, ent)`` of one row of logits: an online logsumexp in fp32 (running
+    max ``m``, rescaled sum ``s``, and with ``ENTROPY`` the rescaled ``u = sum exp(z - m)
+    (z - m)``; ``ent`` is 0 without it), then one load of the target logit.  The logsumexp is
+    ``m + log_s``; ``logp = (z_target - m) - log_s`` keeps the precision of a near-certain
+    token's log-prob, which ``z_target - lse`` rounds to the last place of ``lse``.  An id
+    outside ``[0, V)`` reads nothing and gives NaN (ids are range-checked at the public
+    boundary)."""
     lanes = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -98,20 +101,20 @@ def row_logprob(row_ptr, target, V, stride_v, inv_t_hi, inv_t_lo, SCALE: tl.cons
         s = s * rescale + tl.sum(e, axis=0)
         m = m_new
     log_s = tl.log(s)
-    lse = m + log_s
     ent = tl.zeros((), tl.float32)
     if ENTROPY:
         ent = log_s - u / s
     valid = (target >= 0) & (target < V)
     x_target = tl.load(row_ptr + target * stride_v, mask=valid, other=float("nan"))
-    return scale(x_target, inv_t_hi, inv_t_lo, SCALE) - lse, lse, ent
+    return (scale(x_target, inv_t_hi, inv_t_lo, SCALE) - m) - log_s, m, log_s, ent
 
 
 @triton.jit
-def write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, coef_h, lse, ent,
+def write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, coef_h, lse_hi, lse_lo, ent,
                    inv_t_hi, inv_t_lo, SCALE: tl.constexpr, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
     """``grad_row = coef * (onehot(target) - p) - coef_h * p * (log p + ent)`` in the
-    gradient's dtype, ``p = exp(z - lse)``, with ``coef`` / ``coef_h`` the row's ``d loss /
+    gradient's dtype, ``log p = (z - lse_hi) - lse_lo`` (the logsumexp in two parts: ``m`` and
+    ``log s`` in the one-pass loss, ``lse`` and 0 from a saved logsumexp), with ``coef`` / ``coef_h`` the row's ``d loss /
     d logp`` / ``d loss / d ent`` times ``1 / t`` (the ``coef_h`` term only with ``ENTROPY``;
     ``p = 0`` adds exactly 0).  Zero coefficients write zeros without reading the logits
     (padding and zero-advantage rows, NaN-safe)."""
@@ -129,7 +132,7 @@ def write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, 
             cols = start + lanes
             in_row = cols < V
             x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=in_row, other=float("-inf"))
-            log_p = scale(x, inv_t_hi, inv_t_lo, SCALE) - lse
+            log_p = (scale(x, inv_t_hi, inv_t_lo, SCALE) - lse_hi) - lse_lo
             p = tl.exp(log_p)
             if ENTROPY:
                 weight = coef + coef_h * (log_p + ent)
@@ -160,10 +163,10 @@ def _logprobs_fwd_kernel(
         live = tl.load(live_ptr + b * stride_lb + t * stride_lt) != 0
     if live:
         target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
-        logp, lse, ent = row_logprob(logits_ptr + b * stride_b + t * stride_t, target, V, stride_v,
-                                     inv_t_hi, inv_t_lo, SCALE, BLOCK_V, ENTROPY)
+        logp, m, log_s, ent = row_logprob(logits_ptr + b * stride_b + t * stride_t, target, V, stride_v,
+                                          inv_t_hi, inv_t_lo, SCALE, BLOCK_V, ENTROPY)
         tl.store(logp_ptr + row, logp)
-        tl.store(lse_ptr + row, lse)
+        tl.store(lse_ptr + row, m + log_s)
         if ENTROPY:
             tl.store(ent_ptr + row, ent)
     else:  # a masked-out row is never read
@@ -204,7 +207,8 @@ def _logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     write_row_grad(
         logits_ptr + b * stride_b + t * stride_t, grad_ptr + b * stride_gb + t * stride_gt,
-        target, V, stride_v, stride_gv, g * inv_t, g_h * inv_t, lse, ent, inv_t_hi, inv_t_lo, SCALE, BLOCK_V, ENTROPY,
+        target, V, stride_v, stride_gv, g * inv_t, g_h * inv_t, lse, 0.0, ent, inv_t_hi, inv_t_lo, SCALE, BLOCK_V,
+        ENTROPY,
     )
 
 
