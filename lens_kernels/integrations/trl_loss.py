@@ -157,8 +157,9 @@ class LensHeadLoss:
             bias = None if bias is None else bias.full_tensor()
         hidden = hidden_states[:, -width - 1:-1].to(weight.device)
         device = hidden.device.type
+        dtype = self._compute_dtype(weight, device)
         with maybe_gather_lm_head_ctx(weight, bias), torch.autocast(device, enabled=False):
-            hidden, weight, bias = self._compute_dtype(hidden, weight, bias, device)
+            hidden, weight, bias = (None if t is None else t.to(dtype) for t in (hidden, weight, bias))
             out = fused_linear_lens_loss(
                 hidden, weight, self.completion_ids, self.mask, self.advantages.new_zeros(self.advantages.shape),
                 bias=bias, advantages=self.advantages, old_logprobs=self.old, ref_logprobs=self.ref, beta=self.beta,
@@ -172,17 +173,14 @@ class LensHeadLoss:
                 )
         return out, entropy
 
-    def _compute_dtype(self, hidden, weight, bias, device: str):
+    def _compute_dtype(self, weight: torch.Tensor, device: str) -> torch.dtype:
         """The dtype TRL's head computes in: fp32 with ``cast_lm_head_to_fp32``, else autocast's
         dtype under autocast, else the weight's."""
         if self.cast_lm_head_to_fp32:
-            dtype = torch.float32
-        elif torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-        else:
-            dtype = weight.dtype
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return cast(hidden), cast(weight), cast(bias)
+            return torch.float32
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return weight.dtype
 
 
 def loss_scale(trainer: Any, inputs: dict, mask: torch.Tensor, mode: str):
