@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study of docs/evidence (issue 12), as run.  Resumable: running it again skips what
+# The study of docs/evidence, as run.  Resumable: running it again skips what
 # finished and continues what was interrupted.  Runs go to runs/study/<difficulty>/seed_S,
 # reports to docs/evidence/study-<difficulty>.{json,md,png}.
 # Seeds alternate between the difficulties (default seed 0, hard seed 0, default seed 1, ...) so
