@@ -51,6 +51,8 @@ def _scaled(chunk: torch.Tensor, dtype: torch.dtype, inv_temperature: float) -> 
     if dtype == torch.float64:
         return chunk * inv_temperature
     hi, lo = split_float(inv_temperature)
+    if lo == 0.0:  # 1 / t exact in fp32 (and an infinite logit must not meet inf * 0)
+        return chunk * hi
     return torch.mul(chunk, hi).add_(chunk, alpha=lo)
 
 
