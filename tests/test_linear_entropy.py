@@ -234,3 +234,20 @@ def test_temperature_scaling_has_no_bias(path):
     assert error.mean().abs() <= bound, (
         f"mean signed log-prob error {float(error.mean()):.3g} > {float(bound):.3g} "
         f"(PyTorch fp32: {float(own_error.mean()):.3g}; mean |logp| {float(gold.abs().mean()):.3g})")
+
+
+def test_compiles_fullgraph_and_matches_eager():
+    """``torch.compile(fullgraph=True)`` (aot_eager: the custom ops are opaque either way) of a
+    step using the entropy, and of one using only the log-probs, gives the eager gradients."""
+    hidden, weight, bias, targets = make(rows=11, dim=8, vocab=37)
+    mask = torch.arange(11, device=DEVICE) < 9
+    leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+    for use_entropy in (True, False):
+        def step(h, w, b):
+            logp, ent = fused_linear_token_logprobs(h, w, targets, 0.8, bias=b, completion_mask=mask, backend="torch",
+                                                    check_values=False, return_entropy=True)
+            return (0.3 * logp).sum() + (ent.sum() if use_entropy else 0.0)
+        eager = torch.autograd.grad(step(*leaves), leaves)
+        compiled = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+        for value, expected in zip(compiled, eager):
+            torch.testing.assert_close(value, expected)
