@@ -3,8 +3,8 @@ fast launch path (``backends.common.launch``) against Triton's own.
 
 One subprocess (the stand-in replaces Triton's driver for good, and needs Triton without its
 interpreter): it runs the benchmark on a tiny shape, then runs one forward+backward of every
-case twice, through ``launch``'s fast path and through ``kernel[grid](...)``, recording what
-reaches Triton's C launcher.  No timing is asserted.  Needs gcc and Triton's ptxas (it
+case through ``kernel[grid](...)``, then twice through ``launch``'s fast path (first bound by
+Triton's binder, then from the kept plan), recording what reaches Triton's C launcher.  No timing is asserted.  Needs gcc and Triton's ptxas (it
 compiles the kernels for sm_90, a few seconds with Triton's cache warm).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.nvidia.driver import CudaLauncher
 
     records, hooks, taken = [], [], []
-    real_call, real_compiled = CudaLauncher.__call__, fast._compiled
+    real_call, real_plan = CudaLauncher.__call__, fast._plan
 
     def describe(arg):
         if isinstance(arg, torch.Tensor):
@@ -43,12 +43,12 @@ SCRIPT = textwrap.dedent('''
         hooks.append((enter is None or not enter.calls) and (exit_ is None or not exit_.calls))
         return real_call(self, gx, gy, gz, stream, function, packed, metadata, enter, exit_, *args)
 
-    def compiled(*args):
-        found = real_compiled(*args)
+    def plan(*args):
+        found = real_plan(*args)
         taken.append(found is not None)
         return found
 
-    CudaLauncher.__call__, fast._compiled = record, compiled
+    CudaLauncher.__call__, fast._plan = record, plan
     report = {}
     for backend, mode, policy in host_time.CASES:
         for misaligned in (False, True):
@@ -57,13 +57,13 @@ SCRIPT = textwrap.dedent('''
                 inputs["rewards"] = torch.rand(5)[1:]
             step = host_time.make_step(inputs, backend, mode)
             runs = {}
-            for flag in (False, True, True):  # Triton's path (compiles), then the fast one twice
+            # Triton's path (compiles), then the fast one: bound by Triton's binder, then planned
+            for path, flag in (("triton", False), ("bound", True), ("planned", True)):
                 fast._FAST = flag
                 records.clear(); taken.clear()
                 step()
-                runs[flag] = (list(records), list(taken))
-            report[f"{backend} {mode} {policy} misaligned={misaligned}"] = dict(
-                triton_path=runs[False][0], fast_path=runs[True][0], fast_taken=runs[True][1])
+                runs[path] = (list(records), list(taken))
+            report[f"{backend} {mode} {policy} misaligned={misaligned}"] = runs
     report["hooks_empty"] = all(hooks)
     with open(sys.argv[1], "w") as out:
         json.dump(report, out)
@@ -105,6 +105,10 @@ def test_benchmark_reports_every_case_through_sm90_kernels(stand_in_run):
 def test_fast_launch_hands_triton_the_same_kernel_and_arguments(stand_in_run):
     _, launches, _ = stand_in_run
     assert launches.pop("hooks_empty")  # so passing no hooks and no launch metadata changes nothing
-    for case, paths in launches.items():
-        assert paths["fast_path"] == paths["triton_path"], case
-        assert paths["fast_taken"] and all(paths["fast_taken"]), case
+    for case, runs in launches.items():
+        (triton_path, _), (bound, bound_taken), (planned, planned_taken) = runs["triton"], runs["bound"], runs["planned"]
+        assert bound == triton_path and planned == triton_path, case
+        assert bound_taken and all(bound_taken) and all(planned_taken), case
+        if case.endswith("misaligned=True"):  # the calibration reads rewards: another compiled variant
+            aligned = launches[case.replace("True", "False")]["triton"][0]
+            assert {r[0] for r in triton_path} != {r[0] for r in aligned}, case
