@@ -45,3 +45,9 @@ def test_help_names_the_command_as_it_was_called(argv0, usage, capsys, monkeypat
     with pytest.raises(SystemExit):
         main_module.main()
     assert capsys.readouterr().out.startswith(usage + " ")
+
+
+def test_list_fits_100_columns(capsys):
+    assert main_module.main(["--list", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fused-torch" in out and "runs here" in out and max(map(len, out.splitlines())) <= 100

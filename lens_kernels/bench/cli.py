@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import textwrap
 import time
 import sys
 from dataclasses import dataclass
@@ -109,7 +110,10 @@ def list_impls(device: torch.device) -> str:
     lines = []
     for impl in REGISTRY.values():
         reason = impl.unavailable(device)
-        lines.append(f"{impl.name:<19} {'runs here' if reason is None else 'not here: ' + reason}\n    {impl.computes}")
+        status = f"{impl.name:<19} {'runs here' if reason is None else 'not here: ' + reason}"
+        lines += [textwrap.fill(status, 100, subsequent_indent=" " * 20),
+                  textwrap.fill(impl.computes, 100, initial_indent=" " * 4, subsequent_indent=" " * 4,
+                                break_on_hyphens=False)]
     return "\n".join(lines)
 
 
