@@ -118,9 +118,9 @@ def with_grads(fn, inputs, weights):
 # id -> (make options, temperature)
 CASES = {
     "v1000-tau0.7": (dict(), 0.7),
-    "all-negative-some-minus-inf-tau1.3": (dict(offset=-200.0, scale=3.0, minus_inf=100), 1.3),
+    "all-negative-some-minus-inf-tau1.3": (dict(offset=-200.0, scale=3.0, minus_inf=30, vocab=301), 1.3),
     "huge-peaked": (dict(scale=400.0, vocab=301), 0.9),
-    "bf16": (dict(scale=4.0, dtype=torch.bfloat16), 1.0),
+    "bf16": (dict(scale=4.0, dtype=torch.bfloat16, vocab=301), 1.0),
 }
 
 
