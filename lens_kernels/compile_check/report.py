@@ -1,0 +1,69 @@
+"""What the compile check found: the problems that fail it, and the tables it prints and saves."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from .build import Build
+
+# Where no candidate may spill: the GPU the candidate lists are kept for (an H100).  On other
+# targets spills are reported, not failed: the autotuner there times them against the rest.
+NO_SPILL_ARCHS = (90,)
+
+
+def problems(builds: Iterable[Build]) -> list[str]:
+    """Every compile error, shared-memory overflow and (on :data:`NO_SPILL_ARCHS`) spill."""
+    found = []
+    for b in builds:
+        where = f"sm_{b.arch} {b.kernel} {b.dtype} [{b.config}] {b.flags} ({b.case})"
+        if b.error:
+            found.append(f"{where}: {b.error}")
+        elif b.shared > b.shared_limit:
+            found.append(f"{where}: {b.shared} B of shared memory, over the {b.shared_limit} B limit")
+        elif b.spills and b.arch in NO_SPILL_ARCHS:
+            found.append(f"{where}: spills {b.spill_stores} B stored / {b.spill_loads} B loaded "
+                         f"({b.registers} registers)")
+    return found
+
+
+def _rows(builds: Sequence[Build], key) -> dict[tuple, list[Build]]:
+    grouped: dict[tuple, list[Build]] = defaultdict(list)
+    for b in builds:
+        grouped[key(b)].append(b)
+    return grouped
+
+
+def _cells(group: list[Build]) -> list[str]:
+    worst = max(group, key=lambda b: (b.spills, b.registers))
+    errors = sum(1 for b in group if b.error)
+    return [str(len(group)), str(max(b.registers for b in group)), str(worst.spills),
+            f"{max(b.shared for b in group) / 1024:.0f}", str(errors)]
+
+
+def tables(builds: Sequence[Build]) -> str:
+    """Markdown: one row per kernel and target, then one per autotune candidate (kernel, dtype,
+    configuration) with the worst over its other constexprs and shapes."""
+    head = "| registers (max) | spill B (max) | shared KiB (max) | errors |"
+    lines = [f"| target | kernel | specializations {head}", "|---|---|---:|---:|---:|---:|---:|"]
+    for (arch, kernel), group in sorted(_rows(builds, lambda b: (b.arch, b.kernel)).items(),
+                                        key=lambda item: (-item[0][0], item[0][1])):
+        lines.append(f"| sm_{arch} | {kernel} | " + " | ".join(_cells(group)) + " |")
+    tuned = [b for b in builds if b.tuned]
+    lines += ["", f"| target | kernel | dtype | configuration | specializations {head}",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for (arch, kernel, dtype, config), group in sorted(
+            _rows(tuned, lambda b: (b.arch, b.kernel, b.dtype, b.config)).items(),
+            key=lambda item: (-item[0][0], item[0][1], item[0][2])):
+        lines.append(f"| sm_{arch} | {kernel} | {dtype} | {config} | " + " | ".join(_cells(group)) + " |")
+    return "\n".join(lines)
+
+
+def save(builds: Sequence[Build], meta: dict, stem: str) -> None:
+    """``stem.json`` (every build, and ``meta``) and ``stem.md`` (``meta`` and the tables)."""
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "builds": [b._asdict() for b in builds]}, f, indent=1)
+        f.write("\n")
+    described = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    with open(f"{stem}.md", "w") as f:
+        f.write(f"# Triton kernels compiled for sm_90 and sm_80 without a GPU\n\n{described}\n\n{tables(builds)}\n")
