@@ -45,10 +45,6 @@ TESTED_TRL = (Version("1.16.0"), Version("1.17"))
 #: TRL internals this trainer builds on
 _REQUIRED = ("_generate_and_score_completions", "_calculate_rewards", "_get_per_token_logps_and_entropies",
              "_compute_loss")
-#: keys of TRL's generation output that the model forward needs (multimodal inputs)
-_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                 "token_type_ids", "mm_token_type_ids", "image_position_ids")
-
 _REQUIRED_MESSAGE = "lens_fused_loss=True, but lens_kernels' fused loss cannot compute TRL's loss here: "
 
 _missing = [name for name in _REQUIRED if not hasattr(GRPOTrainer, name)]
@@ -156,7 +152,7 @@ class LensGRPOTrainer(GRPOTrainer):
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model  # what TRL patched
         reason = trl_loss.args_blocker(self.args) or trl_loss.model_blocker(base, self.aux_loss_enabled)
         if reason is not None:
-            self._lens_fall_back(reason, required=wanted)
+            self._lens_fall_back(reason, required=bool(wanted))
             return False
         trl_loss.add_lens_head(base)
         return True
@@ -225,7 +221,7 @@ class LensGRPOTrainer(GRPOTrainer):
         prompt_completion_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        forward_kwargs = {key: output[key] for key in _FORWARD_KEYS if key in output}
+        forward_kwargs = {key: output[key] for key in trl_loss.MULTIMODAL_KEYS if key in output}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             logps, _, _ = self._get_per_token_logps_and_entropies(
                 self.model, prompt_completion_ids, attention_mask, output["completion_ids"].size(1),

@@ -44,7 +44,7 @@ REFUSED = {
     "sapo": "it replaces the clipped surrogate by a sigmoid gate of the ratio",
     "vespo": "it weights the log-prob by sequence-level gamma weights of the importance ratio",
 }
-#: generation outputs that feed a vision-language forward (TRL's multimodal keys)
+#: keys of TRL's generation output that the model forward needs (multimodal inputs)
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                    "token_type_ids", "mm_token_type_ids", "image_position_ids")
 _LOGIT_SCALES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
