@@ -40,11 +40,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 CASES = [(backend, mode, policy) for backend in ("triton", "cuda") for mode in ("grpo", "lens") for policy in ("off", "on")]
 PROFILED = [("triton", "grpo", "off"), ("triton", "lens", "on")]
 INCLUDED = ("validation, options, custom-op plumbing and autograd of lens_kernels; the launchers and their "
-            "torch allocations (CPU malloc); Triton's JITFunction.run (binder, specialization, cache lookup, "
-            "launch metadata) and its generated C launcher for kernels compiled for sm_90; the cuda backend's "
-            "ctypes calls (argument conversion)")
+            "torch allocations (CPU malloc); Triton's launch path as lens_kernels takes it (JITFunction.run: "
+            "binder, specialization, cache lookup, launch metadata; or backends.common.launch) down to the "
+            "generated C launcher, for kernels compiled for sm_90; the cuda backend's ctypes calls (argument "
+            "conversion)")
 EXCLUDED = ("the CUDA driver's launch latency (cuLaunchKernelEx and the stub cuda backend return at once), the CUDA "
-            "caching allocator (CPU malloc instead), torch.cuda device/stream queries, device time")
+            "caching allocator (CPU malloc instead, set to keep freed blocks: the [B, T, V] gradient buffer is "
+            "reused, not mapped and unmapped per call), torch.cuda device/stream queries, device time")
 
 
 def make_inputs(batch: int, length: int, vocab: int, group_size: int, policy: str) -> dict:

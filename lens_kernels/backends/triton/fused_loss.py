@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ...config import LensOptions
+from ..common.launch import launch
 from .logprobs import check_layout, launch_shape, row_logprob, temperature_args, write_row_grad
 from .token_math import surrogate_args, token_terms
 
@@ -108,7 +109,8 @@ def fused_loss(
     scalars, flags = surrogate_args(options, ref is not None)
     hi, lo, scale_mode = temperature_args(options.inv_temperature)
     none2 = (0, 0)
-    _fused_loss_kernel[(rows,)](
+    launch(
+        _fused_loss_kernel, (rows,),
         logits, target_ids, live, logp if old is None else old, logp if ref is None else ref,
         advantages, weights, logits if grad is None else grad, logp, parts,
         seq, vocab, rows,

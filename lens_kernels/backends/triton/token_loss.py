@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ...config import LensOptions
+from ..common.launch import cdiv, launch, next_power_of_2
 from .token_math import surrogate_args, token_terms
 
 _TOKEN_BLOCK = 1024
@@ -75,15 +76,16 @@ def token_loss(
     ``old``/``ref`` (any float dtype and strides; ``old`` None: on-policy), ``live`` bool,
     ``advantages [B]`` and the calibration's ``weights [B]`` float64."""
     batch, seq = logp.shape
-    block_t = min(triton.next_power_of_2(max(seq, 1)), _TOKEN_BLOCK)
-    chunks_per_row = triton.cdiv(seq, block_t)
+    block_t = min(next_power_of_2(seq), _TOKEN_BLOCK)
+    chunks_per_row = cdiv(seq, block_t)
     programs = batch * chunks_per_row
     dlogp = torch.empty_like(logp)
     parts = torch.empty((3, programs), device=logp.device, dtype=torch.float64)
     if programs == 0:
         return dlogp, parts
     scalars, flags = surrogate_args(options, ref is not None)
-    _token_loss_kernel[(programs,)](
+    launch(
+        _token_loss_kernel, (programs,),
         logp, logp if old is None else old, live, logp if ref is None else ref, advantages, weights,
         dlogp, parts,
         seq, chunks_per_row, programs,
