@@ -309,8 +309,33 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
+_OPTIONS: dict = {}  # loss_options results by call (see there)
+_OPTIONS_MAX = 1024
+
+
 def loss_options(logits: torch.Tensor, has_ref: bool, values: dict) -> LensOptions:
-    """``values`` (the scalar keyword arguments of ``fused_lens_loss``) into :class:`LensOptions`."""
+    """``values`` (the scalar keyword arguments of ``fused_lens_loss``) into :class:`LensOptions`.
+
+    Validated once per distinct call: the result is kept by the values (with their types, so
+    ``True`` never stands for ``1.0``), the logits' device and dtype, whether ``ref_logprobs``
+    came, and with ``inplace_backward=True`` the logits' shape and strides; only valid
+    options are kept, and backend availability is read on the first call of a key."""
+    if torch.compiler.is_compiling():
+        return _loss_options(logits, has_ref, values)
+    key = (logits.device, logits.dtype, has_ref, tuple((type(v), v) for v in values.values()),
+           (logits.shape, logits.stride()) if values["inplace_backward"] is True else None)
+    try:
+        options = _OPTIONS.get(key)
+    except TypeError:  # an unhashable value: validation names it
+        return _loss_options(logits, has_ref, values)
+    if options is None:
+        options = _loss_options(logits, has_ref, values)
+        if len(_OPTIONS) < _OPTIONS_MAX:
+            _OPTIONS[key] = options
+    return options
+
+
+def _loss_options(logits: torch.Tensor, has_ref: bool, values: dict) -> LensOptions:
     beta = _number("beta", values["beta"], 0.0)
     if beta > 0 and not has_ref:
         raise ValueError("beta: a KL penalty (beta > 0) needs ref_logprobs")
