@@ -42,7 +42,7 @@ _MERGE_BLOCK = 256
 @autotuned("logits", "h_ptr", key=["D"])
 @triton.jit
 def _partials_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr, live_ptr, part_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, live_ptr, m_ptr, s_ptr, zt_ptr, u_ptr,
     N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
     inv_t_hi, inv_t_lo, splits,
@@ -86,17 +86,16 @@ def _partials_kernel(
         m = m_new
         z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
     out = split.to(tl.int64) * N + rows
-    step = splits.to(tl.int64) * N
-    tl.store(part_ptr + out, m, mask=row_ok)
-    tl.store(part_ptr + step + out, s, mask=row_ok)
-    tl.store(part_ptr + 2 * step + out, z_target, mask=row_ok)
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(zt_ptr + out, z_target, mask=row_ok)
     if HAS_ENTROPY:
-        tl.store(part_ptr + 3 * step + out, u, mask=row_ok)
+        tl.store(u_ptr + out, u, mask=row_ok)
 
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, tgt_ptr, live_ptr, logp_ptr, lse_ptr, ent_ptr,
+    m_ptr, s_ptr, zt_ptr, u_ptr, tgt_ptr, live_ptr, logp_ptr, lse_ptr, ent_ptr,
     N, V, splits, split_cols,
     HAS_LIVE: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -105,26 +104,25 @@ def _merge_kernel(
     row_ok = inside  # the rows computed; the others get 0
     if HAS_LIVE:
         row_ok = inside & (tl.load(live_ptr + rows, mask=inside, other=0) != 0)
-    step = splits.to(tl.int64) * N
     top = tl.full((BLOCK,), float("-inf"), tl.float32)
     for k in range(0, splits):
-        top = tl.maximum(top, tl.load(part_ptr + k * N + rows, mask=row_ok, other=float("-inf")))
+        top = tl.maximum(top, tl.load(m_ptr + k * N + rows, mask=row_ok, other=float("-inf")))
     shift = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros((BLOCK,), tl.float32)
     spread = tl.zeros((BLOCK,), tl.float32)
     for k in range(0, splits):
-        m = tl.load(part_ptr + k * N + rows, mask=row_ok, other=float("-inf"))
-        s = tl.load(part_ptr + step + k * N + rows, mask=row_ok, other=0.0)
+        m = tl.load(m_ptr + k * N + rows, mask=row_ok, other=float("-inf"))
+        s = tl.load(s_ptr + k * N + rows, mask=row_ok, other=0.0)
         rescale = tl.exp(m - shift)
         total += s * rescale
         if HAS_ENTROPY:
-            u = tl.load(part_ptr + 3 * step + k * N + rows, mask=row_ok, other=0.0)
+            u = tl.load(u_ptr + k * N + rows, mask=row_ok, other=0.0)
             spread += rescale * (u + tl.where(s > 0, (m - shift) * s, 0.0))
     log_total = tl.where(row_ok, tl.log(tl.where(row_ok, total, 1.0)), 0.0)
     target = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     valid = (target >= 0) & (target < V) & row_ok
     owner = tl.where(valid, target // split_cols, 0)
-    z_target = tl.load(part_ptr + 2 * step + owner * N + rows, mask=valid, other=float("nan"))
+    z_target = tl.load(zt_ptr + owner * N + rows, mask=valid, other=float("nan"))
     # log p = (z - m) - log s: exact for a near-certain token, where z - fp32(m + log s) is not
     tl.store(logp_ptr + rows, tl.where(row_ok, (z_target - top) - log_total, 0.0), mask=inside)
     tl.store(lse_ptr + rows, tl.where(row_ok, top, 0.0), mask=inside)
@@ -146,7 +144,8 @@ def partials(
     splits = triton.cdiv(vocab, tiles.split_cols)
     parts = torch.empty((4 if entropy else 3, splits, rows), device=hidden.device, dtype=torch.float32)
     _partials_kernel[lambda meta: (splits * triton.cdiv(rows, meta["BLOCK_N"]),)](
-        hidden, weight, weight if bias is None else bias, target_ids, target_ids if live is None else live, parts,
+        hidden, weight, weight if bias is None else bias, target_ids, target_ids if live is None else live,
+        *parts[:3], parts[-1],  # u: the last plane (z_target's, unused, without the entropy)
         rows, vocab, dim,
         *hidden.stride(), *weight.stride(),
         *split_float(inv_temperature), splits,
@@ -183,7 +182,7 @@ def linear_logprobs_forward(
     tiles = tiles_for(hidden.dtype, hidden.device)
     parts = partials(hidden, weight, bias, target_ids, live, inv_temperature, tiles, entropy)
     _merge_kernel[(triton.cdiv(rows, _MERGE_BLOCK),)](
-        parts, target_ids, target_ids if live is None else live, logp, lse, logp if ent is None else ent,
+        *parts[:3], parts[-1], target_ids, target_ids if live is None else live, logp, lse, logp if ent is None else ent,
         rows, weight.shape[0], parts.shape[1], tiles.split_cols,
         HAS_LIVE=live is not None, HAS_ENTROPY=entropy, BLOCK=_MERGE_BLOCK,
     )
