@@ -7,6 +7,7 @@ bf16 autocast accuracy; the loss step's peak memory at V=32000. Skipped without 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ with warnings.catch_warnings():
 
     from lens_kernels.integrations import trl_loss
     from lens_kernels.integrations.trl import LensGRPOConfig, LensGRPOTrainer
+    from .conftest import runnable_backends
     from .test_integration_trl import (GROUP, RecordingReward, char_tokenizer, make_trainer, step_logs,
                                        tiny_llama, train)
 
@@ -324,3 +326,19 @@ def test_two_processes_gather_rewards_and_stats_across_ranks(tmp_path):
         assert len(ranks[rank]["losses"]) == 2
         for step, record in enumerate(ranks[rank]["losses"]):
             assert_fused_equals_stock(record["stock"], record["fused"], f"rank {rank}, step {step + 1}")
+
+
+@pytest.mark.parametrize("gemm", ["library", "triton"])
+def test_fused_loss_on_the_triton_one_pass_path_equals_trl_loss(tmp_path, monkeypatch, gemm):
+    """The path a GPU takes (Triton, one pass: the advantages are given), here through the
+    interpreter: the gradient written during the forward reaches every parameter as TRL's does."""
+    if "triton" not in runnable_backends():
+        pytest.skip("Triton does not run here")
+    monkeypatch.setattr(trl_loss, "fused_linear_lens_loss",
+                        functools.partial(lk.fused_linear_lens_loss, backend="triton", gemm=gemm))
+    trainer = make_trainer(LensGRPOTrainer, tmp_path, RecordingReward(), lens_fused_loss=True, loss_type="dapo",
+                           delta=1.5, steps_per_generation=3, **FP32)
+    trainer.current_gradient_accumulation_steps = 2
+    batch = hand_batch(trainer.model.config.vocab_size, old=True, ref=False, tool=True)
+    stock, fused = stock_and_fused(trainer, trainer.model, batch)
+    assert_fused_equals_stock(stock, fused, f"triton, gemm={gemm}")
