@@ -36,9 +36,9 @@ __device__ __forceinline__ TokenTerms token_terms(double logp, double old, doubl
   const double ratio = exp(logp - old);
   const double clipped_ratio = ratio < low ? low : (ratio > high ? high : ratio);
   const bool inside = ratio >= low && ratio <= high;  // clamp passes the gradient at its bounds
-  // a = 0 contributes 0 whatever the ratio (one that overflows would give 0 * inf = NaN); an
-  // overflowing ratio on the clipped branch has gradient 0, never inf * 0.
-  const double unclipped = a == 0.0 ? 0.0 : a * ratio;
+  // a = 0 contributes 0 whatever the ratio (one that overflows would give 0 * inf = NaN), a NaN
+  // ratio excepted; an overflowing ratio on the clipped branch has gradient 0, never inf * 0.
+  const double unclipped = (a == 0.0 && ratio == ratio) ? 0.0 : a * ratio;
   double surrogate, d_surrogate;                    // min(a * ratio, a * clip(ratio)), d/d logp
   min_with_grad(unclipped, unclipped, a * clipped_ratio, inside ? unclipped : 0.0, surrogate, d_surrogate);
   TokenTerms terms{-surrogate, -d_surrogate, (-a * clipped_ratio > -unclipped) ? 1.0 : 0.0, 0.0};

@@ -10,7 +10,8 @@ import torch
 from . import reference
 from .config import LensOptions
 from .validation import (
-    ValueChecks, _float_tensor, advantage_options, check_groups, check_logprob_values, check_mask, check_rewards,
+    ValueChecks, _float_tensor, advantage_options, check_devices, check_groups, check_logprob_values, check_mask,
+    check_rewards,
 )
 
 
@@ -48,6 +49,7 @@ def lens_advantages_from_stats(
         raise ValueError(f"logp_sum: expected a [B] floating-point tensor, got {_describe(logp_sum)}")
     (batch,), device = logp_sum.shape, logp_sum.device
     whose = "logp_sum's"
+    check_devices(whose, logp_sum=logp_sum, n_tokens=n_tokens, rewards=rewards, group_index=group_index)
     _float_tensor("logp_sum", logp_sum, (batch,), device, whose)
     if not isinstance(n_tokens, torch.Tensor):
         raise TypeError(f"n_tokens: expected a [B] tensor of token counts, got {type(n_tokens).__name__}")
@@ -88,6 +90,8 @@ def lens_advantages(
         raise ValueError(f"old_logprobs: expected a [B, T] floating-point tensor, got {_describe(old_logprobs)}")
     device = old_logprobs.device
     whose = "old_logprobs'"
+    check_devices(whose, old_logprobs=old_logprobs, completion_mask=completion_mask, rewards=rewards,
+                  group_index=group_index)
     _float_tensor("old_logprobs", old_logprobs, tuple(old_logprobs.shape), device, whose)
     checks = ValueChecks()
     check_mask(completion_mask, tuple(old_logprobs.shape), device, checks, whose)

@@ -11,7 +11,7 @@ from .backends import torch_backend
 from .config import LensOptions
 from .output import LensOutput
 from .validation import LossInputs, ValueChecks, check_inplace, check_logits, check_backend, check_targets
-from .validation import check_temperature, validate_loss
+from .validation import check_devices, check_temperature, validate_loss
 
 _FINITE_HINT = "; pass check_values=False to get a non-finite loss instead"
 
@@ -58,10 +58,11 @@ def fused_lens_loss(
     ``"cuda"``.  On the GPU backends the loss takes one pass over the logits (the gradient is
     written during the forward) when the advantages are known before it: ``old_logprobs`` or
     ``advantages`` given, or ``mode="grpo"``; on-policy LENS takes two.  Masked-out rows are
-    never read there, and their ``logprobs`` are 0.  No ``[B, T, V]`` fp32 buffer is ever
-    made; the gradient is one buffer of the logits' shape and dtype, or none with
-    ``inplace_backward=True`` (it then overwrites the logits' storage, during the forward on
-    the one-pass path: use it only when nothing else reads the logits after the loss).
+    never read there; ``logprobs`` is 0 at masked-out positions on every backend.  No
+    ``[B, T, V]`` fp32 buffer is ever made; the gradient is one buffer of the logits' shape
+    and dtype, or none with ``inplace_backward=True`` (it then overwrites the logits' storage,
+    during the forward on the one-pass path: use it only when nothing else reads the logits
+    after the loss).
 
     ``check_values`` (default True) runs the checks that read tensor values: ids in range at
     masked positions, rewards in ``[0, 1]``, 0/1 masks, finite old/ref log-probs and
@@ -69,7 +70,22 @@ def fused_lens_loss(
     host sync after the kernels, and raise ``ValueError`` before the call returns.  With
     ``check_values=False`` the call never syncs (with ``group_size`` or ``advantages``;
     ``group_index`` needs one sync for its group count), so a forward+backward can be captured
-    in a CUDA graph.  Under ``torch.compile`` the value checks are skipped.
+    in a CUDA graph.  Under ``torch.compile`` the value checks are skipped.  What unchecked
+    values give is the same on every backend and in ``lk.reference`` (never a finite loss made
+    from a clamped value): a target id outside ``[0, V)`` at a masked position has log-prob
+    NaN, so the loss is NaN (on-policy, its group's advantages too); a NaN reward, or a NaN or
+    +inf old log-prob at a masked position, makes its group's advantages and the loss NaN (the
+    group counts as mixed); non-finite ``advantages`` make the loss non-finite; rewards
+    outside ``[0, 1]`` and log-probs above 0 enter the formulas as given; any nonzero mask
+    value marks a completion token; a one-row group (``group_index``) gets advantage NaN when
+    mixed (its std is 0 / 0) and 0 when negative; ``ref_logprobs`` so large that
+    ``exp(ref - logp)`` overflows give ``kl`` = +inf (and, with ``beta > 0``, loss +inf).
+
+    Extreme values the checks accept stay finite: a token on the clipped side (or past the
+    dual-clip cap, or with advantage 0) contributes exactly 0 to the gradient even when its
+    ratio ``exp(logp - old)`` overflows (``old_logprobs`` down to -1e30), and ``ref_logprobs``
+    down to -1e30 give a finite k3; only a negative-advantage token on the unclipped side
+    with an overflowing ratio (no ``clip_ratio_c``) makes the loss +inf, as its true value is.
 
     Returns a :class:`LensOutput`: ``loss`` (0-dim, differentiable), ``logprobs [B, T]``,
     ``advantages``, ``calibrated_rewards`` and ``confidence`` ``[B]``, ``difficulty
@@ -137,7 +153,7 @@ def _torch_loss(inputs: LossInputs, options: LensOptions) -> LensOutput:
         None if inputs.ref is None else inputs.ref.to(work), options,
         None if inputs.advantages is None else inputs.advantages.to(work),
     )
-    return LensOutput.from_epilogue(result, logp)
+    return LensOutput.from_epilogue(result, torch.where(live_mask(inputs.mask), logp.detach(), 0))
 
 
 def token_logprobs(
@@ -162,6 +178,7 @@ def token_logprobs(
     gradient reaches the entropy its backward costs nothing extra.
     """
     check_logits(logits, packed=True)
+    check_devices("the logits'", logits=logits, target_ids=target_ids)
     checks = ValueChecks(check_values)
     check_targets(target_ids, logits, None, checks)
     options = LensOptions(

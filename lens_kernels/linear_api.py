@@ -155,6 +155,7 @@ def fused_linear_lens_loss(
         dict(beta=beta, mode=mode, alpha=alpha, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
              temperature=temperature, loss_agg_mode=loss_agg_mode, scale_by_std=scale_by_std, std_eps=std_eps,
              length_gamma=length_gamma, backend=linear_backend, inplace_backward=False, check_values=check_values),
+        whose="hidden's",
     )
     flat = hidden.reshape(batch * length, dim)
     one_pass = one_pass_applies(options, inputs.old is not None, inputs.advantages is not None)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from . import backends
+from .validation import check_devices
 
 LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LINEAR_BACKENDS = ("auto", "triton", "torch", "cuda")
@@ -43,6 +44,7 @@ def check_linear(hidden, weight, bias, target_ids, packed: bool = False) -> Line
     if hidden.dtype not in LINEAR_DTYPES + (torch.float64,):
         raise TypeError(f"hidden: expected dtype float32, bfloat16 or float16, got {hidden.dtype}")
     lead, dim = tuple(hidden.shape[:-1]), hidden.shape[-1]
+    check_devices("hidden's", hidden=hidden, weight=weight, bias=bias, target_ids=target_ids)
     _is_tensor("weight", weight, "[V, d]")
     if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != dim:
         raise ValueError(f"weight: expected shape [V, d] with V >= 1 and d = {dim} (hidden.shape[-1]), "
@@ -50,8 +52,6 @@ def check_linear(hidden, weight, bias, target_ids, packed: bool = False) -> Line
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}; "
                         "cast one of them (e.g. under autocast: weight.to(hidden.dtype))")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight: expected a tensor on {hidden.device} (hidden's device), got {weight.device}")
     vocab = weight.shape[0]
     if bias is not None:
         _is_tensor("bias", bias, "[V] or None")
@@ -59,8 +59,6 @@ def check_linear(hidden, weight, bias, target_ids, packed: bool = False) -> Line
             raise ValueError(f"bias: expected shape [{vocab}] (weight.shape[0]) or None, got {list(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias: expected the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias: expected a tensor on {hidden.device} (hidden's device), got {bias.device}")
     _is_tensor("target_ids", target_ids, "[B, T] int64" if len(lead) == 2 else "[N] int64")
     if tuple(target_ids.shape) != lead:
         where = "hidden.shape[:2]; hidden[b, t] predicts target_ids[b, t]" if len(lead) == 2 else \
@@ -68,8 +66,6 @@ def check_linear(hidden, weight, bias, target_ids, packed: bool = False) -> Line
         raise ValueError(f"target_ids: expected shape {list(lead)} ({where}), got {list(target_ids.shape)}")
     if target_ids.dtype != torch.int64:
         raise TypeError(f"target_ids: expected dtype int64, got {target_ids.dtype}")
-    if target_ids.device != hidden.device:
-        raise ValueError(f"target_ids: expected a tensor on {hidden.device} (hidden's device), got {target_ids.device}")
     return LinearShape(lead, dim, vocab)
 
 

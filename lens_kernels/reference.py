@@ -43,17 +43,19 @@ def token_logprobs(
     return_entropy: bool = False,
 ):
     """Step 1: ``log softmax(logits / tau)[target]``.  ``[B, T, V] -> [B, T]``, or packed
-    ``[N, V] -> [N]``.  Ids outside ``[0, V)`` (allowed at masked-out positions, e.g. the -100
-    label) are clamped: whatever they give there is selected away by every later step.  Written
+    ``[N, V] -> [N]``.  An id outside ``[0, V)`` gives NaN, as on every backend (the -100 label
+    at masked-out positions is selected away by every later step; at a masked position, with
+    ``check_values=False``, it makes the loss NaN); its gradient has no one-hot term.  Written
     ``z[target] - logsumexp(z)`` (not ``log_softmax``, which is NaN over a whole row holding
     +inf): a +inf logit elsewhere in the row gives -inf, as the fused backends do.
 
     ``return_entropy=True`` returns ``(logp, entropy)``, ``entropy = -sum_v p_v log p_v`` of
     ``p = softmax(logits / tau)`` per position (:func:`token_entropy`)."""
     z = logits.to(compute_dtype) / temperature
-    ids = target_ids.clamp(0, logits.shape[-1] - 1)
+    vocab = logits.shape[-1]
+    picked = z.gather(-1, target_ids.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
     lse = z.logsumexp(-1)
-    logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    logp = torch.where((target_ids < 0) | (target_ids >= vocab), float("nan"), picked) - lse
     if not return_entropy:
         return logp
     return logp, token_entropy(z, lse)
@@ -173,14 +175,20 @@ def advantages(
     return torch.where(negative, negative_adv, mixed_adv), used
 
 
+def _times_ratio(a: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """``a * ratio``, 0 for ``a = 0`` whatever the ratio (one that overflows would give NaN),
+    unless the ratio is NaN."""
+    return torch.where((a == 0) & (ratio == ratio), 0, a * ratio)
+
+
 def _surrogate_flat(ratio: torch.Tensor, a: torch.Tensor, low: float, high: float,
                     clip_ratio_c: Optional[float]) -> torch.Tensor:
-    """Where ``-min(a r, a clip(r))`` (and its dual clip) has a zero gradient in ``r``: ``a = 0``;
-    the clipped branch strictly smaller with ``r`` outside ``[low, high]``; ``a < 0`` with the
-    loss strictly past the cap ``-a c``."""
-    unclipped = torch.where(a == 0, 0, a * ratio)
+    """Where ``-min(a r, a clip(r))`` (and its dual clip) has a zero gradient in ``r``: ``a = 0``
+    (``r`` not NaN); the clipped branch strictly smaller with ``r`` outside ``[low, high]``;
+    ``a < 0`` with the loss strictly past the cap ``-a c``."""
+    unclipped = _times_ratio(a, ratio)
     clipped = a * ratio.clamp(low, high)
-    flat = (a == 0) | ((clipped < unclipped) & ((ratio < low) | (ratio > high)))
+    flat = ((a == 0) & (ratio == ratio)) | ((clipped < unclipped) & ((ratio < low) | (ratio > high)))
     if clip_ratio_c is not None:
         flat |= (a < 0) & (-torch.minimum(unclipped, clipped) > -a * clip_ratio_c)
     return flat
@@ -200,7 +208,8 @@ def token_objective(
     Where the objective is flat in the ratio (``a = 0``, the clipped branch taken outside the
     clip range, past the dual-clip cap) the ratio is a constant: ``exp`` is differentiated
     only where the gradient is nonzero, so a ratio that overflows there (``old`` near -inf)
-    gives an exact 0, not ``0 * inf = NaN``.  ``a = 0`` contributes 0 whatever the ratio.
+    gives an exact 0, not ``0 * inf = NaN``.  ``a = 0`` contributes 0 whatever the ratio (NaN
+    excepted: NaN inputs give NaN, as on every backend).
     Values, and gradients elsewhere, are those of the plain formulas.
     """
     a = adv.unsqueeze(-1)
@@ -210,7 +219,7 @@ def token_objective(
     flat = _surrogate_flat(raw, a, low, high, options.clip_ratio_c)
     ratio = torch.where(flat, raw, torch.exp(torch.where(flat, 0, log_ratio)))
     clipped_ratio = ratio.clamp(low, high)
-    unclipped = torch.where(a == 0, 0, a * ratio)
+    unclipped = _times_ratio(a, ratio)
     unclipped_loss, clipped_loss = -unclipped, -a * clipped_ratio
     loss = -torch.minimum(unclipped, a * clipped_ratio)
     clipped = (clipped_loss > unclipped_loss).detach()
@@ -360,11 +369,11 @@ def fused_lens_loss(
     )
     checks.settle()
     # The loss reads the log-probs of masked-out positions through logits zeroed there, so that
-    # a NaN or all -inf row at such a position gets an exact zero gradient, not 0 * NaN (the
-    # returned ``logprobs`` are still those of the logits as given).
+    # a NaN or all -inf row at such a position gets an exact zero gradient, not 0 * NaN; the
+    # returned ``logprobs`` are 0 there, as on every backend.
     live = completion_mask.bool().unsqueeze(-1)
     logp = token_logprobs(torch.where(live, logits, 0), target_ids, temperature, compute_dtype)
-    logp = torch.where(live.squeeze(-1), logp, token_logprobs(logits.detach(), target_ids, temperature, compute_dtype))
+    logp = torch.where(live.squeeze(-1), logp, 0)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(compute_dtype)
     ref = None if ref_logprobs is None else ref_logprobs.to(compute_dtype)
     result = epilogue(

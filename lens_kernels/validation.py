@@ -106,6 +106,24 @@ def _float_tensor(name: str, value, shape: tuple, device: torch.device, whose: s
     return value
 
 
+def check_devices(whose: str, **tensors) -> None:
+    """Every tensor argument on one device, checked before anything else reads a device (the
+    backend choice included), so that a mismatch names the tensor on the wrong one.  The
+    first argument (logits, hidden, old_logprobs, logp_sum; ``whose`` names its device) sets
+    the device, except on ``meta`` beside tensors on a real device: then it is the one named.
+    Arguments that are not tensors are skipped (their own checks name them)."""
+    present = [(name, value.device) for name, value in tensors.items() if isinstance(value, torch.Tensor)]
+    if not present:
+        return
+    expected, label = present[0][1], f"{whose} device"
+    real = [device for _, device in present[1:] if device.type != "meta"]
+    if expected.type == "meta" and real:
+        expected, label = real[0], "the other tensors' device"
+    for name, device in present:
+        if device != expected:
+            raise ValueError(f"{name}: expected a tensor on {expected} ({label}), got {device}")
+
+
 def _number(name: str, value, low: float, high: float = math.inf, *, open_low=False, open_high=True) -> float:
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
@@ -357,14 +375,18 @@ def _loss_options(logits: torch.Tensor, has_ref: bool, values: dict) -> LensOpti
 
 def validate_loss(
     logits, target_ids, completion_mask, rewards, group_size, group_index, old_logprobs, ref_logprobs,
-    advantages, values: dict,
+    advantages, values: dict, whose: str = "the logits'",
 ) -> tuple[LossInputs, LensOptions, ValueChecks]:
     """Check every argument of ``fused_lens_loss``; raise ``ValueError``/``TypeError`` naming it.
+    ``whose`` names the logits' device in messages (``"hidden's"`` for a stand-in).
 
     Returns the inputs, the options and the pending value checks (the caller settles them,
     with the finiteness of the log-probs, in one host sync)."""
     check_logits(logits)
     check_shift(target_ids, logits)
+    check_devices(whose, logits=logits, target_ids=target_ids, completion_mask=completion_mask,
+                  rewards=rewards, group_index=group_index, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                  advantages=advantages)
     batch, length, _ = logits.shape
     device = logits.device
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):

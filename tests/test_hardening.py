@@ -110,8 +110,9 @@ CHECKS_OFF = {
 @pytest.mark.parametrize("case", list(CHECKS_OFF))
 def test_checks_off_backends_agree_with_reference(backend, case):
     """With ``check_values=False`` the loss, advantages and confidences equal the reference's,
-    NaN where it gives NaN; the gradient equals it wherever the reference's gradient is finite
-    (autograd's 0 * inf = NaN at a clipped token is not reproduced by the fused kernels)."""
+    NaN where it gives NaN; so does the gradient, finite in the same rows (the reference no
+    longer makes 0 * inf = NaN at a clipped token, issue 20; which entries of an infinite
+    token's row are inf or NaN is arithmetic)."""
     L, y, m, r = _batch()
     apply, kw = CHECKS_OFF[case]
     kw = dict(kw)
@@ -123,6 +124,7 @@ def test_checks_off_backends_agree_with_reference(backend, case):
     assert _same(out.confidence, ref.confidence), (out.confidence, ref.confidence)
     finite = torch.isfinite(ref_grad)
     assert _same(grad[finite], ref_grad[finite])
+    assert torch.equal(torch.isfinite(grad).all(-1), finite.all(-1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -240,6 +242,48 @@ def test_lens_advantages_device_names_its_argument():
     with pytest.raises(ValueError, match=r"old_logprobs' device") as info:
         lk.lens_advantages(torch.zeros(4, 5), m, torch.zeros(4), group_size=2)
     assert "logits" not in str(info.value)
+
+
+def _meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+DEVICE_CALLS = {  # function: (call, its tensor arguments in order; the first sets the device)
+    "fused_lens_loss": (lambda L, y, m, r: lk.fused_lens_loss(L, y, m, r, group_size=2), "logits the logits'"),
+    "reference.fused_lens_loss": (lambda L, y, m, r: lk.reference.fused_lens_loss(L, y, m, r, group_size=2),
+                                  "logits the logits'"),
+    "token_logprobs": (lambda L, y, m, r: lk.token_logprobs(L, y), "logits the logits'"),
+    "fused_linear_lens_loss": (lambda H, y, m, r, W: lk.fused_linear_lens_loss(H, W, y, m, r, group_size=2),
+                               "hidden hidden's"),
+    "fused_linear_token_logprobs": (lambda H, y, m, r, W: lk.fused_linear_token_logprobs(H, W, y), "hidden hidden's"),
+    "lens_advantages": (lambda O, y, m, r: lk.lens_advantages(O, m, r, group_size=2), "old_logprobs old_logprobs'"),
+    "lens_advantages_from_stats": (lambda S, y, m, r: lk.lens_advantages_from_stats(S, m.sum(-1), r, group_size=2),
+                                   "logp_sum logp_sum's"),
+}
+
+
+@pytest.mark.parametrize("function", list(DEVICE_CALLS))
+@pytest.mark.parametrize("on_meta", ["first", "second"])
+def test_device_mismatch_names_the_tensor_on_the_wrong_device(function, on_meta):
+    """Issue 20 item 4: logits on ``meta`` beside CPU tensors named the mask (torch) or the
+    backend (triton); now the first argument is named when it is the odd one, else the other."""
+    call, names = DEVICE_CALLS[function]
+    first, whose = names.split(" ", 1)
+    L, y, m, r = (t.cpu() for t in _batch())
+    lead = {"logits": L, "hidden": L[..., :8], "old_logprobs": L[..., 0], "logp_sum": L[:, 0, 0]}[first]
+    extra = [torch.randn(50, 8)] if first == "hidden" else []
+    args = [lead, y, m, r, *extra]
+    if on_meta == "first":
+        args[0] = _meta(args[0])
+        message = f"{first}: expected a tensor on cpu (the other tensors' device), got meta"
+    else:  # the second tensor the function reads
+        second = {"old_logprobs": 2, "logp_sum": 2}.get(first, 1)
+        args[second] = _meta(args[second])
+        name = {"old_logprobs": "completion_mask", "logp_sum": "n_tokens"}.get(first, "target_ids")
+        message = f"{name}: expected a tensor on cpu ({whose} device), got meta"
+    with pytest.raises(ValueError) as info:
+        call(*args)
+    assert str(info.value) == message
 
 
 def test_lens_advantages_shape_names_its_argument():

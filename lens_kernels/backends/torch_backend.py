@@ -58,8 +58,14 @@ def _scaled(chunk: torch.Tensor, dtype: torch.dtype, inv_temperature: float) -> 
 
 def _ids(target_ids: torch.Tensor, vocab: int) -> torch.Tensor:
     """``[.., 1]`` gather indices; ids outside ``[0, V)`` (e.g. -100 labels at masked-out
-    positions, whose values nothing reads) are clamped instead of failing the gather."""
+    positions) are clamped instead of failing the gather, and :func:`_outside` marks them."""
     return target_ids.clamp(0, vocab - 1).unsqueeze(-1)
+
+
+def _outside(target_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Ids outside ``[0, V)``: their log-prob is NaN and their gradient has no one-hot term,
+    as on the GPU backends (which read nothing for them)."""
+    return (target_ids < 0) | (target_ids >= vocab)
 
 
 def _entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -82,7 +88,9 @@ def logprobs_forward(logits, target_ids, inv_temperature, live=None, entropy=Fal
     for rows, cols in _chunks(batch, length, vocab):
         z = _scaled(logits[rows, cols], work, inv_temperature)
         lse[rows, cols] = torch.logsumexp(z, -1)
-        logp[rows, cols] = z.gather(-1, _ids(target_ids[rows, cols], vocab)).squeeze(-1) - lse[rows, cols]
+        ids = target_ids[rows, cols]
+        picked = z.gather(-1, _ids(ids, vocab)).squeeze(-1).masked_fill_(_outside(ids, vocab), float("nan"))
+        logp[rows, cols] = picked - lse[rows, cols]
         if entropy:
             ent[rows, cols] = _entropy(z, lse[rows, cols])
     if live is not None:
@@ -118,7 +126,8 @@ def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inpla
             chunk.add_(entropy[rows, cols].unsqueeze(-1)).mul_(scale_h).add_(scale).mul_(p).neg_()
             chunk.masked_fill_(p == 0, 0)
             idle = idle & (scale_h == 0)
-        chunk.scatter_add_(-1, _ids(target_ids[rows, cols], vocab), scale)
+        ids = target_ids[rows, cols]
+        chunk.scatter_add_(-1, _ids(ids, vocab), scale.masked_fill(_outside(ids, vocab).unsqueeze(-1), 0))
         chunk.masked_fill_(idle, 0)
         if chunk is not out:
             out.copy_(chunk)

@@ -104,7 +104,9 @@ def _calibrate_kernel(
             g = tl.maximum(size, 1).to(tl.float64)
 
             # steps 4-5: negative group, difficulty
-            negative = tl.max(tl.where(valid, r, 0.0), axis=1) == 0
+            # a NaN reward makes the group mixed, as torch's amax (NaN) != 0 does (tl.max drops NaN)
+            negative = tl.max(tl.where(valid, r, 0.0), axis=1) \
+                + tl.sum(tl.where(valid & (r != r), float("nan"), 0.0), axis=1) == 0
             # a NaN confidence makes the group's peak NaN, as torch's amax does (tl.max drops NaN)
             peak = tl.max(tl.where(valid, pibar, 0.0), axis=1) \
                 + tl.sum(tl.where(valid & (pibar != pibar), float("nan"), 0.0), axis=1)

@@ -27,11 +27,11 @@ def token_terms(
     """
     # NaN-propagating min/max (Triton's default drops a NaN operand, torch's keeps it): a NaN
     # log-prob or old log-prob gives a NaN loss, as in the reference.
-    # a = 0 contributes 0 whatever the ratio (one that overflows would give 0 * inf = NaN); an
-    # overflowing ratio on the clipped branch gives d_clipped = 0, never inf * 0.
+    # a = 0 contributes 0 whatever the ratio (one that overflows would give 0 * inf = NaN), a NaN
+    # ratio excepted; an overflowing ratio on the clipped branch gives d_clipped = 0, never inf * 0.
     ratio = tl.exp(logp - old)
     clipped_ratio = nan_minimum(nan_maximum(ratio, clip_low), clip_high)
-    unclipped = tl.where(a == 0, 0.0, a * ratio)
+    unclipped = tl.where(ratio != ratio, ratio, tl.where(a == 0, 0.0, a * ratio))
     clipped = a * clipped_ratio
     d_unclipped = unclipped
     d_clipped = tl.where((ratio >= clip_low) & (ratio <= clip_high), d_unclipped, 0.0)
