@@ -289,3 +289,26 @@ def test_token_logprobs_out_of_range_id_is_nan(backend, ids):
     assert logp.isnan().sum() == 1 and logp[2, 3].isnan()
     expected = -g[2, 3].cpu().double() * torch.softmax(logits[2, 3].double(), -1)
     assert torch.allclose(gold_grad[2, 3], expected)
+
+
+@pytest.mark.parametrize("gemm", ["triton", "library"])
+@pytest.mark.parametrize("policy", ["off-policy", "on-policy"])
+def test_fused_linear_out_of_range_id_is_nan(backend, gemm, policy):
+    """The fused-linear paths (torch; Triton tiles, Triton block GEMMs and cuBLAS row blocks;
+    cuda row blocks) give what the reference gives on ``hidden @ weight.T`` for an id outside
+    ``[0, V)`` at a masked position with the checks off: a NaN log-prob there, NaN loss."""
+    if gemm == "triton" and backend != "triton":
+        pytest.skip("gemm='triton' is a Triton path")
+    logits, targets, mask, rewards, old = _batch()
+    targets[0, 0] = 37
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(4, 5, 16, generator=gen), torch.randn(37, 16, generator=gen) * 0.3
+    kwargs = dict(group_size=2, check_values=False, **({"old_logprobs": old} if policy == "off-policy" else {}))
+    h, w = hidden.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
+    out = lk.fused_linear_lens_loss(h, w, targets.to(DEVICE), mask.to(DEVICE), rewards.to(DEVICE), backend=backend,
+                                    gemm=gemm if backend == "triton" else "auto",
+                                    **{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+    gold = lk.reference.fused_lens_loss((hidden.double() @ weight.double().T), targets, mask, rewards, **kwargs)
+    for field in FIELDS:
+        _agree(field, getattr(out, field), getattr(gold, field))
+    assert out.loss.isnan() and out.logprobs[0, 0].isnan()
