@@ -85,9 +85,12 @@ def _logprobs_grad(grad_logp, logits, target_ids, lse, inv_temperature, backend,
     """``d loss / d logits`` from ``grad_logp [B, T]`` (and ``grad_entropy [B, T]`` with the
     forward's ``entropy``): a new tensor, or the logits overwritten."""
     args = (target_ids, lse, inv_temperature, backend, grad_scale, grad_entropy, entropy)
-    if inplace:
+    if inplace:  # the op, also in eager mode: it bumps the logits' version counter
         _logprobs_bwd_inplace(logits, grad_logp, *args)
         return logits
+    if not torch.compiler.is_compiling():  # eager: the launcher itself (see call_op)
+        return backends.get(backend).logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, False,
+                                                       grad_scale, grad_entropy, entropy)
     return _logprobs_bwd(grad_logp, logits, *args)
 
 
