@@ -233,19 +233,20 @@ def markdown(runs: dict) -> str:
     keyed = {label: {(r["backend"], r["mode"], r["policy"]): r for r in run["results"]} for label, run in runs.items()}
     cases = list(keyed[labels[0]])
     env = runs[labels[0]]["environment"]
+    ratio = ("before", "after") if {"before", "after"} <= set(labels) else (labels[0], labels[-1])
     lines = ["# Host time of a forward+backward (CPU, stand-in H100)", "",
              "`fused_lens_loss(...).loss.backward()` with `check_values=False`, bf16 logits, microseconds per call: "
              "this thread's CPU time (the machine is shared with other jobs: the wall clock also counts waits for a "
              "core, so it is given beside it, and the medians of each repeat show the spread).", "",
              f"- included: {env['included']}", f"- not included: {env['excluded']}", "",
              _row(["backend", "mode", "policy"] + [f"{label} CPU median (p10)" for label in labels]
-                  + ([f"{labels[-1]} / {labels[0]}"] if len(labels) > 1 else [])),
+                  + ([f"{ratio[1]} / {ratio[0]}"] if len(labels) > 1 else [])),
              "|" + "---|" * (3 + len(labels) + (len(labels) > 1))]
     for case in cases:
         found = [keyed[label].get(case) for label in labels]
         cells = ["-" if r is None else f"{r['cpu']['median_us']:.0f} ({r['cpu']['p10_us']:.0f})" for r in found]
         if len(labels) > 1:
-            first, last = found[0], found[-1]
+            first, last = keyed[ratio[0]].get(case), keyed[ratio[1]].get(case)
             cells.append("-" if first is None or last is None else f"{last['cpu']['median_us'] / first['cpu']['median_us']:.2f}")
         lines.append(_row(list(case) + cells))
     for label, run in runs.items():

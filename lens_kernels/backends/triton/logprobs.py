@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from ...config import split_float
+from ..common.launch import launch, next_power_of_2
 
 _CHUNK_BYTES = 16384
 _MAX_WARPS = 16
@@ -214,7 +215,7 @@ def _logprobs_bwd_kernel(
 
 def launch_shape(vocab: int, element_size: int) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for a row of ``vocab`` logits of ``element_size`` bytes."""
-    block_v = min(triton.next_power_of_2(vocab), _CHUNK_BYTES // element_size)
+    block_v = min(next_power_of_2(vocab), _CHUNK_BYTES // element_size)
     return block_v, max(1, min(_MAX_WARPS, block_v // 512))
 
 
@@ -243,7 +244,8 @@ def logprobs_forward(
         return logp, lse, ent
     block_v, num_warps = launch_shape(vocab, logits.element_size())
     hi, lo, scale_mode = temperature_args(inv_temperature)
-    _logprobs_fwd_kernel[(rows,)](
+    launch(
+        _logprobs_fwd_kernel, (rows,),
         logits, target_ids, logp if live is None else live, logp, lse, logp if ent is None else ent,
         seq, vocab,
         *logits.stride(),
@@ -290,7 +292,8 @@ def logprobs_backward(
         return grad
     block_v, num_warps = launch_shape(vocab, logits.element_size())
     hi, lo, scale_mode = temperature_args(inv_temperature)
-    _logprobs_bwd_kernel[(rows,)](
+    launch(
+        _logprobs_bwd_kernel, (rows,),
         grad_logp, grad_logp if grad_scale is None else grad_scale,
         grad_entropy if has_entropy else grad_logp, entropy if has_entropy else grad_logp,
         logits, target_ids, lse, grad,
