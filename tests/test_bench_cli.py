@@ -220,7 +220,7 @@ def test_off_policy_inputs_clip_some_tokens_but_none_near_the_edges():
     logp = check.gold_logprobs(x)
     old = off_policy_logprobs(logp, x.completion_mask)
     live = x.completion_mask
-    assert old.dtype == torch.float32 and torch.all(old[~live] == 0)
+    assert old.dtype == torch.float32 and torch.all(old[~live] == 0) and torch.all(old <= 0)
     log_ratio = (logp - old.double())[live]
     for edge in (math.log(0.8), math.log(1.2)):
         assert (log_ratio - edge).abs().min() >= CLIP_MARGIN * 0.99

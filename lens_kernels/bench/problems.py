@@ -186,12 +186,16 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0, logit_scale: 
 def off_policy_logprobs(logp: torch.Tensor, mask: torch.Tensor, seed: int = 0, eps_low: float = 0.2,
                         eps_high: float = 0.2, noise: float = OFF_POLICY_NOISE) -> torch.Tensor:
     """``old [B, T]`` fp32 for an off-policy problem: the policy's exact (float64) log-probs
-    ``logp`` plus Gaussian noise, 0 at masked-out positions.  The log-ratio ``logp - old`` of
-    every token stays :data:`CLIP_MARGIN` away from the clip edges ``log(1 - eps_low)`` and
+    ``logp`` plus Gaussian noise, at most 0 (a log-prob; the loss's value checks refuse
+    positive ones) and 0 at masked-out positions.  The log-ratio ``logp - old`` of every token
+    stays :data:`CLIP_MARGIN` away from the clip edges ``log(1 - eps_low)`` and
     ``log(1 + eps_high)``."""
     gen = torch.Generator(device=logp.device).manual_seed(seed + 1)
+    logp = logp.detach()
     shift = noise * torch.randn(logp.shape, generator=gen, device=logp.device, dtype=torch.float64)
+    shift = torch.minimum(shift, -logp)  # old = logp + shift <= 0
     for edge in (-math.log1p(eps_high), -math.log1p(-eps_low)):  # shift = -log-ratio at the edges
         near = (shift - edge).abs() < CLIP_MARGIN
-        shift = torch.where(near, torch.where(shift >= edge, edge + CLIP_MARGIN, edge - CLIP_MARGIN), shift)
-    return torch.where(mask.bool(), logp.detach() + shift, 0).float()
+        up = (shift >= edge) & (logp + edge + CLIP_MARGIN <= 0)  # away from the edge, but never above 0
+        shift = torch.where(near, torch.where(up, edge + CLIP_MARGIN, edge - CLIP_MARGIN), shift)
+    return torch.where(mask.bool(), logp + shift, 0).float()
