@@ -13,7 +13,9 @@ Outcomes (documented in ``lk.fused_lens_loss``'s docstring):
 - a NaN (or +inf) reward / old log-prob: NaN for its group (the group counts as mixed);
   rewards outside ``[0, 1]`` and old log-probs above 0 are used as given by the formulas;
 - mask values other than 0/1 (2, 0.5, -1, NaN): any nonzero value is a completion token;
-- a group of one row (``group_index``): its std is NaN, and its advantage... see the case.
+- a group of one row (``group_index``): advantage NaN when mixed (its std is 0 / 0), 0 when
+  negative (LENS de-means negative groups without dividing by the std);
+- a NaN advantage (``advantages`` given): NaN loss.
 
 ``logprobs`` is 0 at masked-out positions on every backend (and the reference).
 """
@@ -225,9 +227,11 @@ def _on_policy(edit):
     return both
 
 
-def _group_index(logits, targets, mask, rewards, kwargs):
+def _groups_of_one(logits, targets, mask, rewards, kwargs):
+    """Rows 2 (reward 1: a mixed group) and 3 (reward 0: negative) alone in their groups."""
     kwargs.pop("group_size")
     kwargs["group_index"] = torch.tensor([0, 0, 1, 2])
+    rewards[2] = 1.0
 
 
 def _nan_advantage(logits, targets, mask, rewards, kwargs):
@@ -235,22 +239,31 @@ def _nan_advantage(logits, targets, mask, rewards, kwargs):
     kwargs["advantages"] = torch.tensor([1.0, NAN, 0.5, -0.5])
 
 
-UNCHECKED = {  # case: (edit, what every backend gives)
-    "id V at a masked position": (_set("targets", (0, 0), 37), "loss NaN"),
-    "id -100 at a masked position": (_set("targets", (0, 1), -100), "loss NaN"),
-    "id V, on-policy": (_on_policy(_set("targets", (0, 0), 37)), "loss and group 0's advantages NaN"),
-    "reward 2": (_set("rewards", 0, 2.0), "used as given"),
-    "reward -0.5": (_set("rewards", 1, -0.5), "used as given"),
-    "reward NaN": (_set("rewards", 2, NAN), "group 1 NaN (a mixed group)"),
-    "old NaN": (_set("old", (2, 1), NAN), "group 1 NaN"),
-    "old +inf": (_set("old", (2, 1), INF), "group 1 NaN"),
-    "old +5": (_set("old", (2, 1), 5.0), "used as given"),
-    "mask 2": (_set("mask", (0, 2), 2.0), "a completion token"),
-    "mask 0.5": (_set("mask", (0, 2), 0.5), "a completion token"),
-    "mask -1": (_set("mask", (0, 2), -1.0), "a completion token"),
-    "mask NaN": (_set("mask", (0, 2), NAN), "a completion token"),
-    "group of one row": (_group_index, "its advantage 0"),
-    "NaN advantage": (_nan_advantage, "loss NaN"),
+def _nan_groups(first: bool, second: bool):
+    """Advantages NaN exactly in group 0 (rows 0, 1) and/or group 1 (rows 2, 3)."""
+    return lambda out: out.advantages.isnan().tolist() == [first] * 2 + [second] * 2
+
+
+_finite = lambda out: bool(torch.isfinite(out.loss))  # noqa: E731
+_live = lambda out: bool(torch.isfinite(out.loss)) and out.logprobs[0, 2].item() != 0  # noqa: E731
+
+UNCHECKED = {  # case: (edit, the documented outcome every backend gives)
+    "id V at a masked position": (_set("targets", (0, 0), 37), lambda out: bool(out.logprobs[0, 0].isnan())),
+    "id -100 at a masked position": (_set("targets", (0, 1), -100), lambda out: bool(out.logprobs[0, 1].isnan())),
+    "id V, on-policy": (_on_policy(_set("targets", (0, 0), 37)), _nan_groups(True, False)),
+    "reward 2": (_set("rewards", 0, 2.0), _finite),
+    "reward -0.5": (_set("rewards", 1, -0.5), _finite),
+    "reward NaN": (_set("rewards", 2, NAN), lambda out: _nan_groups(False, True)(out)
+                   and out.negative_group_fraction.item() == 0),  # group 1 counts as mixed
+    "old NaN": (_set("old", (2, 1), NAN), _nan_groups(False, True)),
+    "old +inf": (_set("old", (2, 1), INF), _nan_groups(False, True)),
+    "old +5": (_set("old", (2, 1), 5.0), _finite),
+    "mask 2": (_set("mask", (0, 2), 2.0), _live),
+    "mask 0.5": (_set("mask", (0, 2), 0.5), _live),
+    "mask -1": (_set("mask", (0, 2), -1.0), _live),
+    "mask NaN": (_set("mask", (0, 2), NAN), _live),
+    "groups of one row": (_groups_of_one, lambda out: out.advantages[2].isnan() and out.advantages[3].item() == 0),
+    "NaN advantage": (_nan_advantage, lambda out: bool(out.loss.isnan())),
 }
 
 
@@ -258,10 +271,11 @@ UNCHECKED = {  # case: (edit, what every backend gives)
 def test_unchecked_inputs_agree_with_reference(backend, case):
     """Item 3: every output, and the gradient, equal to the reference's (NaN at the same
     places) with ``check_values=False``; masked-out log-probs are 0."""
-    edit, _ = UNCHECKED[case]
+    edit, outcome = UNCHECKED[case]
     logits, targets, mask, rewards, kwargs = _unchecked(edit)()
     out, _ = _compare(backend, logits, targets, mask, rewards, kwargs)
     assert torch.equal(out.logprobs[~mask.bool().to(DEVICE)].cpu(), torch.zeros(int((~mask.bool()).sum())))
+    assert outcome(out), (out.loss, out.advantages, out.logprobs)
     if case.startswith("id"):
         assert out.loss.isnan() and out.logprobs[0].isnan().sum() == 1
         with pytest.raises(ValueError, match="^target_ids: expected ids in"):
@@ -305,9 +319,9 @@ def test_fused_linear_out_of_range_id_is_nan(backend, gemm, policy):
     hidden, weight = torch.randn(4, 5, 16, generator=gen), torch.randn(37, 16, generator=gen) * 0.3
     kwargs = dict(group_size=2, check_values=False, **({"old_logprobs": old} if policy == "off-policy" else {}))
     h, w = hidden.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
+    moved = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     out = lk.fused_linear_lens_loss(h, w, targets.to(DEVICE), mask.to(DEVICE), rewards.to(DEVICE), backend=backend,
-                                    gemm=gemm if backend == "triton" else "auto",
-                                    **{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+                                    gemm=gemm if backend == "triton" else "auto", **moved)
     gold = lk.reference.fused_lens_loss((hidden.double() @ weight.double().T), targets, mask, rewards, **kwargs)
     for field in FIELDS:
         _agree(field, getattr(out, field), getattr(gold, field))
