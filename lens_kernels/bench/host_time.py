@@ -171,7 +171,7 @@ def profile(step: Callable[[], None], calls: int, lines: int = 25) -> str:
     return text.strip()
 
 
-def environment(command: str) -> dict:
+def environment(command: str, tree: str | None) -> dict:
     from . import report
 
     repo = Path(__file__).resolve().parents[2]
@@ -182,7 +182,7 @@ def environment(command: str) -> dict:
         date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         host_cpu=f"{report.cpu_model()} ({os.cpu_count()} cores)",
         python=platform.python_version(), torch=torch.__version__, triton=report._version("triton"),
-        git_commit=None if commit is None else commit + ("-dirty" if dirty else ""),
+        git_commit=None if commit is None else commit + ("-dirty" if dirty else ""), tree=tree,
         load_average=[round(x, 2) for x in os.getloadavg()],
         included=INCLUDED, excluded=EXCLUDED,
     )
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
     profiles = {f"{b} {m} {p}-policy": profile(steps[b, m, p], args.profile_calls)
                 for b, m, p in PROFILED if (b, m, p) in steps and args.profile_calls}
     command = "python -m lens_kernels.bench.host_time " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return dict(environment=environment(command),
+    return dict(environment=environment(command, args.tree),
                 shape=dict(batch=args.batch, length=args.length, vocab=args.vocab, group_size=args.group_size,
                            dtype="bfloat16", calls=args.calls, repeats=args.repeats, warmup=args.warmup),
                 compiled=compiled_targets(), results=records, profiles=profiles)
@@ -252,7 +252,8 @@ def markdown(runs: dict) -> str:
     for label, run in runs.items():
         env, shape = run["environment"], run["shape"]
         lines += ["", f"## {label}", "",
-                  f"- command: `{env['command']}`", f"- commit {env['git_commit']}, {env['date_utc']}",
+                  f"- command: `{env['command']}`",
+                  f"- code: {env.get('tree') or 'commit ' + str(env['git_commit'])}, run {env['date_utc']}",
                   f"- machine: {env['host_cpu']}, load average {env['load_average']} at the end (shared with other jobs)",
                   f"- python {env['python']}, torch {env['torch']}, triton {env['triton']}",
                   f"- shape: B={shape['batch']} T={shape['length']} V={shape['vocab']} G={shape['group_size']}, "
@@ -295,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--profile-calls", type=int, default=200, help="calls under cProfile (0: none)")
     p.add_argument("--label", default="run")
+    p.add_argument("--tree", help="what code was measured, when not a git checkout (e.g. a commit minus some patches)")
     p.add_argument("--save", type=Path, help="JSON file to merge the run into (markdown written beside it)")
     return p
 
