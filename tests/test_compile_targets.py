@@ -24,10 +24,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import triton
 
-from lens_kernels.compile_check.build import Build
-from lens_kernels.compile_check.report import problems
+triton = pytest.importorskip("triton")
+
+from lens_kernels.compile_check.build import Build  # noqa: E402
+from lens_kernels.compile_check.report import problems  # noqa: E402
 
 FULL = os.environ.get("LENS_KERNELS_COMPILE_FULL", "0") not in ("", "0")
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -45,7 +46,8 @@ def compiled(tmp_path_factory) -> tuple[list[Build], str]:
     run = subprocess.run(command + (["--full"] if FULL else []), env=env, capture_output=True, text=True,
                          timeout=TIMEOUT_S)
     if not Path(f"{stem}.json").exists():
-        pytest.fail(f"the compile check wrote nothing (exit {run.returncode}):\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+        pytest.fail(f"the compile check wrote nothing (exit {run.returncode}):\n{run.stdout[-3000:]}"
+                    f"{run.stderr[-3000:]}")
     print(run.stdout)
     builds = [Build(**b) for b in json.loads(Path(f"{stem}.json").read_text())["builds"]]
     return builds, run.stdout

@@ -31,12 +31,12 @@ def _require_compiler() -> None:
                            "replaces the compiler)")
 
 
-def specializations(archs: Sequence[int], full: bool, entropy: tuple[bool, ...] = (False, True)) -> list[Specialization]:
+def specializations(archs: Sequence[int], full: bool) -> list[Specialization]:
     """The specializations of :func:`launches.production` for each of ``archs``: every
     distinct one (``full``), or the first of each kernel, dtype, configuration and set of
     constexpr switches (those differing only in the divisibility of an argument left out)."""
     _require_compiler()
-    specs = [spec for arch in archs for spec in record_launches(arch, production(full, entropy))]
+    specs = [spec for arch in archs for spec in record_launches(arch, production(full))]
     if full:
         return specs
     kept: dict[tuple, Specialization] = {}

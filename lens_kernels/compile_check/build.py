@@ -115,5 +115,5 @@ def build(spec: Specialization) -> Build:
             return Build(spec.arch, kernel, tuned, dtype, config, flags, spec.case, 0, 0, 0, 0, 0,
                          f"{type(error).__name__}: {first}"[:300])
     numbers = _ptxas_numbers(log.getvalue())
-    return Build(spec.arch, kernel, tuned, dtype, config, flags, spec.case, numbers["registers"], numbers["spill_stores"],
-                 numbers["spill_loads"], numbers["stack"], compiled.metadata.shared, "")
+    return Build(spec.arch, kernel, tuned, dtype, config, flags, spec.case, numbers["registers"],
+                 numbers["spill_stores"], numbers["spill_loads"], numbers["stack"], compiled.metadata.shared, "")

@@ -10,8 +10,9 @@ takes each of its values in at least one case.
 Shapes (issue 19): ``N = 16384`` rows (16 x 1024), ``V`` 151936 (Qwen) and 128256 (Llama 3),
 ``d`` 4096 and 2048, bf16 / fp16 / fp32, and an odd ``N`` (17 x 963) and ``V`` (50257), whose
 integer arguments and pointers lose Triton's divisibility-by-16 specialization.  The logits
-are the strided slice a trainer takes (``out.logits[:, P - 1 : -1]``), the targets and mask
-slices of the padded rows.
+are the strided slice a trainer takes (``out.logits[:, P - 1 : -1]``), the targets a slice of
+the padded rows' ids; gradients go to a new buffer and in place; the vocabulary passes run
+with and without the entropy.
 """
 from __future__ import annotations
 
@@ -123,14 +124,14 @@ def _loss_calls(roll: _Rollout, case: Case) -> None:
     advantages = _meta(roll.logits.shape[0]) if case.advantages else None
     scale = _meta()
     if case.old or case.advantages or options.mode == "grpo":
-        grad = torch.empty_like(roll.logits)
-        one_pass(*inputs, old, ref, advantages, groups, options, grad)
-        one_pass(*inputs, old, ref, advantages, groups, options, None)  # no gradient wanted
-        scale_rows_(grad, scale)
+        for grad in (torch.empty_like(roll.logits), roll.logits, None):  # a new buffer, in place, no gradient
+            one_pass(*inputs, old, ref, advantages, groups, options, grad)
+        scale_rows_(roll.logits, scale)
     else:
         out = two_pass(*inputs, ref, groups, options)
-        get("triton").logprobs_backward(out.dlogp, roll.logits, roll.targets, out.lse, options.inv_temperature,
-                                        False, scale)
+        for inplace in (False, True):
+            get("triton").logprobs_backward(out.dlogp, roll.logits, roll.targets, out.lse, options.inv_temperature,
+                                            inplace, scale)
 
 
 def _token_logprobs(roll: _Rollout, entropy: bool) -> None:
@@ -144,12 +145,12 @@ def _token_logprobs(roll: _Rollout, entropy: bool) -> None:
     kernels.logprobs_forward(roll.logits, roll.targets, inv_t, roll.live, entropy)
 
 
-def logits_path(shape: Shape, entropy: tuple[bool, ...]) -> Iterator[tuple[str, Callable[[], None]]]:
+def logits_path(shape: Shape) -> Iterator[tuple[str, Callable[[], None]]]:
     """``(label, run)`` of every logits-path case at ``shape``."""
     roll = _rollout(shape)
     for case in CASES:
         yield f"loss: {case.name}, {shape.label}", lambda case=case: _loss_calls(roll, case)
-    for with_entropy in entropy:
+    for with_entropy in (False, True):
         yield f"token_logprobs{' + entropy' if with_entropy else ''}, {shape.label}", \
             lambda e=with_entropy: _token_logprobs(roll, e)
 
@@ -199,10 +200,10 @@ def _one_pass(head: _Head, shape: Shape, gemm: str) -> None:
                     contiguous_groups(shape.batch, GROUP_SIZE), options, (True, True, True), gemm)
 
 
-def linear_path(shape: Shape, entropy: tuple[bool, ...]) -> Iterator[tuple[str, Callable[[], None]]]:
+def linear_path(shape: Shape) -> Iterator[tuple[str, Callable[[], None]]]:
     """``(label, run)`` of every fused-linear launch sequence at ``shape``."""
     head = _head(shape)
-    for with_entropy in entropy:
+    for with_entropy in (False, True):
         suffix = f"{' + entropy' if with_entropy else ''}, {shape.label}"
         yield f"linear tiles{suffix}", lambda e=with_entropy: _tiles(head, e)
         yield f"linear blocks:triton{suffix}", lambda e=with_entropy: _row_blocks(head, e)
@@ -210,8 +211,8 @@ def linear_path(shape: Shape, entropy: tuple[bool, ...]) -> Iterator[tuple[str, 
         yield f"linear one pass, gemm={gemm}, {shape.label}", lambda gemm=gemm: _one_pass(head, shape, gemm)
 
 
-def production(full: bool, entropy: tuple[bool, ...] = (False, True)) -> Iterator[tuple[str, Callable[[], None]]]:
+def production(full: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     """Every launch sequence at every shape of :func:`shapes`."""
     for shape in shapes(full):
-        yield from logits_path(shape, entropy)
-        yield from linear_path(shape, entropy)
+        yield from logits_path(shape)
+        yield from linear_path(shape)
