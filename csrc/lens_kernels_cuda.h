@@ -56,8 +56,9 @@ LK_EXPORT int lk_probe_device(int device);
  * is 0), which carries no one-sided bias, and gradients by hi + lo. */
 
 /* SPEC 1.1.  logits [B, T, V] of `dtype` with element strides (stride_b, stride_t, stride_v);
- * writes logp [B*T], lse [B*T] and, when ent is not NULL, ent [B*T] (fp32, contiguous), where
- * z = logits / t, lse = logsumexp_v(z), logp = z[target] - lse and ent = -sum_v p_v log p_v
+ * writes logp [B*T] (fp32), lse [B*T] (double: the fp32 max and log-sum parts exactly) and,
+ * when ent is not NULL, ent [B*T] (fp32), all contiguous, where z = logits / t,
+ * lse = logsumexp_v(z), logp = z[target] - lse and ent = -sum_v p_v log p_v
  * (p = softmax(z), from the same read of the row); rows whose live byte is 0 (live may be NULL:
  * every row) get 0 in every output. */
 LK_EXPORT int lk_logprobs_forward(const void* logits, int dtype, int64_t batch, int64_t length,
@@ -65,7 +66,7 @@ LK_EXPORT int lk_logprobs_forward(const void* logits, int dtype, int64_t batch, 
                                   int64_t stride_v, const int64_t* target, int64_t target_stride_b,
                                   int64_t target_stride_t, const uint8_t* live, int64_t live_stride_b,
                                   int64_t live_stride_t, float inv_temperature_hi,
-                                  float inv_temperature_lo, float* logp, float* lse, float* ent,
+                                  float inv_temperature_lo, float* logp, double* lse, float* ent,
                                   void* stream);
 
 /* grad[b, t, v] = (*grad_scale) / t * (grad_logp * (1[v == target] - p_v)
@@ -79,7 +80,7 @@ LK_EXPORT int lk_logprobs_backward(const float* grad_logp, const float* grad_sca
                                    int dtype, int64_t batch, int64_t length, int64_t vocab,
                                    int64_t stride_b, int64_t stride_t, int64_t stride_v,
                                    const int64_t* target, int64_t target_stride_b,
-                                   int64_t target_stride_t, const float* lse, float inv_temperature_hi,
+                                   int64_t target_stride_t, const double* lse, float inv_temperature_hi,
                                    float inv_temperature_lo, void* grad, int64_t grad_stride_b,
                                    int64_t grad_stride_t, int64_t grad_stride_v, void* stream);
 

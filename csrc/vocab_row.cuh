@@ -156,10 +156,15 @@ __device__ Stats<kEntropy> thread_stats(const T* x, int64_t vocab, int64_t strid
 }
 
 // A logsumexp in two parts, hi + lo: the row's max m and log s in the one-pass loss (so that
-// log p = (z - m) - log s keeps a near-certain token's precision), a saved lse and 0 otherwise.
+// log p = (z - m) - log s keeps a near-certain token's precision), a saved double lse split.
 struct LogSumExp {
   float hi;
   float lo;
+  // A saved double logsumexp as fp32 parts (hi its nearest fp32, lo the rest).
+  __device__ static LogSumExp split(double lse) {
+    const float hi = static_cast<float>(lse);
+    return {hi, static_cast<float>(lse - static_cast<double>(hi))};
+  }
 };
 
 // out[v] = coef * (1[v == target] - p_v) - coef_h * p_v * (log p_v + ent), p = exp(x / t - lse),

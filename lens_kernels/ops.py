@@ -47,7 +47,7 @@ def _logprobs_fwd(
 def _(logits, target_ids, inv_temperature, backend, inplace_backward, entropy):
     shape, dtype = logits.shape[:2], accumulation_dtype(logits.dtype)
     ent = logits.new_empty(shape if entropy else (0,), dtype=dtype)
-    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype), ent
+    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=torch.float64), ent
 
 
 @torch.library.custom_op(f"{_LIB}::logprobs_bwd", mutates_args=())
@@ -107,9 +107,10 @@ def _logprobs_backward(ctx, grad_logp, _grad_lse, grad_entropy):
     logits, target_ids, lse, ent = ctx.saved_tensors
     if grad_logp is None and grad_entropy is None:
         return None, None, None, None, None, None
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+    work = accumulation_dtype(logits.dtype)
+    grad_logp = lse.new_zeros(lse.shape, dtype=work) if grad_logp is None else grad_logp.to(work).contiguous()
     if grad_entropy is not None:
-        grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+        grad_entropy = grad_entropy.to(work).contiguous()
     grad = _logprobs_grad(grad_logp, logits, target_ids, lse, ctx.inv_temperature, ctx.backend, ctx.inplace,
                           None, grad_entropy, ent if grad_entropy is not None else None)
     return grad, None, None, None, None, None
@@ -231,7 +232,8 @@ _loss_two_pass = torch.library.custom_op(f"{_LIB}::loss_two_pass", _loss_two_pas
 @_loss_two_pass.register_fake
 def _(logits, target_ids, live, rewards, ref, order, start, size, group_sizes, options):
     logp_like = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
-    return fake_results(logits, True, group_sizes[0], ref is not None) + [logp_like, torch.empty_like(logp_like)]
+    lse_like = torch.empty_like(logp_like, dtype=torch.float64)
+    return fake_results(logits, True, group_sizes[0], ref is not None) + [lse_like, logp_like]
 
 
 def scale_rows_impl(grad: Tensor, grad_output: Tensor) -> None:

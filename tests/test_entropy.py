@@ -116,6 +116,31 @@ def test_extreme_rows(kernel_backend, scale):
     assert not ours["entropy"][0, 2].any(), "a one-hot row's entropy has no gradient"
 
 
+def test_saved_logsumexp_keeps_near_certain_gradients(kernel_backend):
+    """The forward's float64 ``lse`` (max and log-sum parts, exactly) lets the backward keep
+    ``p`` of near-certain tokens at |z| ~ 1e3 (top logit 1000, runner-up 8 to 10 below: log s
+    ~ 5e-4), which the logsumexp rounded to fp32 (last place 6e-5) blurs: at least 100 times
+    closer to float64 than from that fp32 logsumexp."""
+    name, device = kernel_backend
+    gen = torch.Generator().manual_seed(5)
+    logits = 1000 - 20 - 50 * torch.rand(12, 301, generator=gen)
+    logits[:, 0] = 1000.0
+    logits[:, 1] = 1000 - torch.linspace(8, 10, 12)
+    logits = logits.view(2, 6, 301)
+    target = torch.tensor([[0, 1] * 3] * 2)
+    g = torch.randn(2, 6, generator=gen)
+    leaf = logits.double().requires_grad_()
+    (gold,) = torch.autograd.grad((reference.token_logprobs(leaf, target) * g).sum(), leaf)
+    kernels = backends.get(name)
+    logits, target, g = logits.to(device), target.to(device), g.to(device)
+    _, lse, _ = kernels.logprobs_forward(logits, target, 1.0)
+    assert lse.dtype == torch.float64
+    exact = kernels.logprobs_backward(g, logits, target, lse, 1.0, False)
+    rounded = kernels.logprobs_backward(g, logits, target, lse.float(), 1.0, False)
+    error = lambda grad: float((grad.cpu().double() - gold).abs().max())  # noqa: E731
+    assert error(exact) * 100 <= error(rounded), f"{name}: {error(exact):.3g} vs {error(rounded):.3g} from an fp32 lse"
+
+
 def test_packed_equals_padded(kernel_backend):
     """``[N, V]`` logits with ``[N]`` targets give exactly the ``[B, T, V]`` results, outputs and
     gradients laid out like the input."""

@@ -16,18 +16,22 @@ way); float64 logits (torch backend) use ``hi = 1/t``, ``lo = 0``.  Gradients ca
 ``logprobs_forward(logits, target_ids, inv_temperature, live=None, entropy=False) -> (logp, lse, ent)``
     logits ``[B, T, V]`` fp32/bf16/fp16, any strides; ``target_ids [B, T]`` int64; ``live``
     an optional bool ``[B, T]`` mask whose 0 rows are not read (their outputs are 0).
-    ``lse = logsumexp_v z``, ``logp = z[target] - lse``, all ``[B, T]`` fp32 contiguous
-    (float64 for float64 logits, torch backend);
-    ``ent = -sum_v p_v log p_v`` (``p = softmax(z)``) from the same sweep of the row (online
-    max ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) (z - m)``; ``ent = log s - u / s``;
-    ``-inf`` logits add exactly 0) when ``entropy=True``, else None (and not computed).
+    Online over the row: max ``m``, ``s = sum exp(z - m)`` and, with ``entropy``,
+    ``u = sum exp(z - m) (z - m)``.  ``logp = (z[target] - m) - log s`` and, when
+    ``entropy=True``, ``ent = log s - u / s = -sum_v p_v log p_v`` (``p = softmax(z)``; ``-inf``
+    logits add exactly 0), else ``ent`` is None (and not computed): ``[B, T]`` fp32 contiguous
+    (float64 for float64 logits, torch backend).  ``lse = m + log s``, ``[B, T]`` float64 (both
+    fp32 parts exactly, so that a near-certain token's ``1 - p`` survives the backward at
+    ``|z| ~ 1e3``, which ``z - fp32(lse)`` rounds to the last place of ``lse``).
 
 ``logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace, grad_scale=None, grad_entropy=None, entropy=None)``
     ``grad[b, t, v] = grad_scale * inv_t * (g * (1[v == target] - p_v) - gh * p_v * (log p_v + ent))``
     with ``g = grad_logp [B, T]``, ``gh = grad_entropy [B, T]`` (both fp32; ``entropy`` the
     forward's ``ent``, required with ``grad_entropy``), ``log p_v = z_v - lse`` recomputed from
-    the saved ``lse``; ``grad_entropy=None`` compiles/runs the log-prob-only backward (no extra
-    load or math).  ``grad_logp`` is required (zeros when only the entropy has a gradient).
+    the saved ``lse`` (float64 from the forward, split into fp32 ``hi + lo``: ``log p = (z - hi)
+    - lo``; an fp32 ``lse`` is taken as ``hi``); ``grad_entropy=None`` runs the log-prob-only
+    backward (no extra load or math).  ``grad_logp`` is required (zeros when only the entropy
+    has a gradient).
     In ``logits.dtype`` (``grad_scale`` a 0-dim tensor read on the device, scaling both terms);
     rows where ``g`` and ``gh`` are both 0 get zeros without reading the logits; ``inplace``
     writes over ``logits`` (returned).

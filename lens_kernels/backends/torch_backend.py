@@ -68,35 +68,46 @@ def _outside(target_ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return (target_ids < 0) | (target_ids >= vocab)
 
 
-def _entropy(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """``-sum_v p_v log p_v`` of one chunk, ``p = exp(z - lse)``, in two chunk-sized buffers;
-    ``p_v = 0`` (``-inf`` logits) adds exactly 0."""
-    log_p = z - lse.unsqueeze(-1)
-    p = torch.exp(log_p)
-    log_p.masked_fill_(p == 0, 0)
-    return -p.mul_(log_p).sum(-1)
-
-
 def logprobs_forward(logits, target_ids, inv_temperature, live=None, entropy=False):
     """``(logp, lse, ent)`` ``[B, T]`` (contract in ``backends/__init__.py``), chunk by chunk;
-    ``ent`` None unless ``entropy``; 0 where ``live`` is False (those rows are still read)."""
+    ``ent`` None unless ``entropy``; 0 where ``live`` is False (those rows are still read).
+
+    Per row: max ``m`` (0 where it is not finite), ``s = sum exp(z - m)``; ``logp = (z_target -
+    m) - log s`` (a near-certain token keeps its precision), ``lse = m + log s`` in float64 (both
+    parts exactly), ``ent = log s - sum exp(z - m) (z - m) / s`` (``-inf`` logits add 0)."""
     batch, length, vocab = logits.shape
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = logits.new_empty((batch, length), dtype=work)
-    lse = torch.empty_like(logp)
+    lse = logits.new_empty((batch, length), dtype=torch.float64)
     ent = torch.empty_like(logp) if entropy else None
     for rows, cols in _chunks(batch, length, vocab):
         z = _scaled(logits[rows, cols], work, inv_temperature)
-        lse[rows, cols] = torch.logsumexp(z, -1)
+        m = z.amax(-1, keepdim=True)
+        shift = torch.where(torch.isfinite(m), m, 0)  # all -inf (or +inf, NaN) rows: no inf - inf
+        d = z - shift
+        e = torch.exp(d)
+        s = e.sum(-1)
+        log_s = s.log()
+        shift = shift.squeeze(-1)
+        lse[rows, cols] = shift.double() + log_s.double()
         ids = target_ids[rows, cols]
         picked = z.gather(-1, _ids(ids, vocab)).squeeze(-1).masked_fill_(_outside(ids, vocab), float("nan"))
-        logp[rows, cols] = picked - lse[rows, cols]
+        logp[rows, cols] = (picked - shift) - log_s
         if entropy:
-            ent[rows, cols] = _entropy(z, lse[rows, cols])
+            ent[rows, cols] = log_s - e.mul_(d.masked_fill_(e == 0, 0)).sum(-1) / s
     if live is not None:
         logp, lse = logp.masked_fill_(~live, 0), lse.masked_fill_(~live, 0)
         ent = None if ent is None else ent.masked_fill_(~live, 0)
     return logp, lse, ent
+
+
+def _split(lse: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A saved logsumexp as ``(hi, lo)`` in ``work`` (``lo`` None when ``hi`` is exact): log p
+    is then ``(z - hi) - lo``, exact for a near-certain token where ``z - fp32(lse)`` is not."""
+    hi = lse.to(work)
+    if lse.dtype == work:
+        return hi, None
+    return hi, torch.where(torch.isfinite(hi), lse - hi.to(lse.dtype), 0).to(work)
 
 
 def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inplace, grad_scale=None,
@@ -104,18 +115,22 @@ def logprobs_backward(grad_logp, logits, target_ids, lse, inv_temperature, inpla
     """``d / d logits`` of ``grad_logp . logp + grad_entropy . ent`` (contract in
     ``backends/__init__.py``), chunk by chunk from the saved ``lse`` (and ``entropy``)."""
     batch, length, vocab = logits.shape
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    lse_hi, lse_lo = _split(lse, work)
     if grad_scale is not None:
         grad_logp = grad_logp * grad_scale
         grad_entropy = None if grad_entropy is None else grad_entropy * grad_scale
     for rows, cols in _chunks(batch, length, vocab):
         scale = (grad_logp[rows, cols] * inv_temperature).unsqueeze(-1)
-        z = _scaled(logits[rows, cols], lse.dtype, inv_temperature)
+        z = _scaled(logits[rows, cols], work, inv_temperature)
         out = grad[rows, cols]
         # Work in the gradient's own storage where its dtype allows (fp32 logits, or in place
         # over them): no temporary of the chunk's size at all on the log-prob-only path.
-        chunk = out if out.dtype == lse.dtype and out.is_contiguous() else torch.empty_like(z)
-        torch.sub(z, lse[rows, cols].unsqueeze(-1), out=chunk)  # log p
+        chunk = out if out.dtype == work and out.is_contiguous() else torch.empty_like(z)
+        torch.sub(z, lse_hi[rows, cols].unsqueeze(-1), out=chunk)  # log p
+        if lse_lo is not None:
+            chunk.sub_(lse_lo[rows, cols].unsqueeze(-1))
         idle = scale == 0
         if grad_entropy is None:
             chunk.exp_().mul_(-scale)

@@ -63,13 +63,13 @@ def logprobs_forward(
     logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None,
     entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(logp, lse, ent)``, ``[B, T]`` fp32: one block per row, logits read once; ``ent`` (the
-    softmax's entropy, from the same read) None unless ``entropy``; rows where ``live`` (bool
-    ``[B, T]``) is 0 are not read and get 0."""
+    """``(logp, lse, ent)``, ``[B, T]`` (``lse`` float64, the others fp32): one block per row,
+    logits read once; ``ent`` (the softmax's entropy, from the same read) None unless
+    ``entropy``; rows where ``live`` (bool ``[B, T]``) is 0 are not read and get 0."""
     batch, length, vocab = logits.shape
     _require("target_ids", target_ids, torch.int64, contiguous=False)
     logp = torch.empty((batch, length), dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    lse = torch.empty_like(logp, dtype=torch.float64)
     ent = torch.empty_like(logp) if entropy else None
     with _on_device(logits):
         code = library.load().lk_logprobs_forward(
@@ -98,7 +98,7 @@ def logprobs_backward(
     batch, length, vocab = logits.shape
     _require("grad_logp", grad_logp, torch.float32)
     _require("target_ids", target_ids, torch.int64, contiguous=False)
-    _require("lse", lse, torch.float32)
+    lse = lse.to(torch.float64).contiguous()  # an fp32 logsumexp is taken as it is
     if grad_entropy is not None:
         _require("grad_entropy", grad_entropy, torch.float32)
         _require("entropy", entropy, torch.float32)

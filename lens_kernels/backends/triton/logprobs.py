@@ -7,9 +7,11 @@ bounds ``T``.  Each program streams its row of ``V`` logits in ``BLOCK_V`` chunk
 * forward (``row_logprob``): an online logsumexp in fp32 (running max ``m`` and rescaled sum
   ``s``) and, with ``ENTROPY``, the rescaled ``u = sum exp(z - m) (z - m)`` in the same sweep
   (``H = log s - u / s``: no cancellation between two large numbers), then one extra load of
-  the target logit; writes ``logp`` and ``lse`` (and ``ent``), ``[B, T]`` fp32, only; rows
-  whose completion mask is 0 are not read;
-* backward (``write_row_grad``): recomputes ``p = exp(z - lse)`` from the saved ``lse`` and
+  the target logit; writes ``logp`` (and ``ent``), ``[B, T]`` fp32, and ``lse = m + log s``
+  in float64 (the two fp32 parts exactly), only; rows whose completion mask is 0 are not read;
+* backward (``write_row_grad``): recomputes ``log p = (z - hi) - lo`` from the saved ``lse``
+  split into fp32 parts (a near-certain token's ``1 - p`` stays exact at ``|z| ~ 1e3``, which
+  ``z - fp32(lse)`` rounds to the last place of ``lse``), ``p = exp(log p)``, and
   writes ``inv_t * (g * (onehot - p) - g_H * p * (log p + H))`` in the logits' dtype (the
   entropy term only with ``ENTROPY``: without it the kernel is the log-prob backward alone), into
   a new contiguous tensor or back into the logits' own storage; rows whose coefficients are all
@@ -167,7 +169,7 @@ def _logprobs_fwd_kernel(
         logp, m, log_s, ent = row_logprob(logits_ptr + b * stride_b + t * stride_t, target, V, stride_v,
                                           inv_t_hi, inv_t_lo, SCALE, BLOCK_V, ENTROPY)
         tl.store(logp_ptr + row, logp)
-        tl.store(lse_ptr + row, m + log_s)
+        tl.store(lse_ptr + row, m.to(tl.float64) + log_s.to(tl.float64))
         if ENTROPY:
             tl.store(ent_ptr + row, ent)
     else:  # a masked-out row is never read
@@ -205,11 +207,13 @@ def _logprobs_bwd_kernel(
         g = g * factor
         g_h = g_h * factor
     target = tl.load(target_ptr + b * stride_tgt_b + t * stride_tgt_t).to(tl.int64)
-    lse = tl.load(lse_ptr + row)
+    lse = tl.load(lse_ptr + row).to(tl.float64)  # float64, or fp32 (then lse_lo is 0)
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     write_row_grad(
         logits_ptr + b * stride_b + t * stride_t, grad_ptr + b * stride_gb + t * stride_gt,
-        target, V, stride_v, stride_gv, g * inv_t, g_h * inv_t, lse, 0.0, ent, inv_t_hi, inv_t_lo, SCALE, BLOCK_V,
-        ENTROPY,
+        target, V, stride_v, stride_gv, g * inv_t, g_h * inv_t, lse_hi, lse_lo, ent, inv_t_hi, inv_t_lo, SCALE,
+        BLOCK_V, ENTROPY,
     )
 
 
@@ -230,14 +234,14 @@ def logprobs_forward(
     logits: torch.Tensor, target_ids: torch.Tensor, inv_temperature: float, live: Optional[torch.Tensor] = None,
     entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(logp, lse, ent)``, ``[B, T]`` fp32 contiguous, for ``z = logits / temperature``
-    (``inv_temperature`` the float64 ``1 / t``); ``ent`` (the softmax's entropy, from the same
-    sweep) None unless ``entropy``; rows where ``live [B, T]`` (bool, any strides) is 0 are not
-    read and get 0."""
+    """``(logp, lse, ent)``, ``[B, T]`` contiguous (``lse`` float64, the others fp32), for
+    ``z = logits / temperature`` (``inv_temperature`` the float64 ``1 / t``); ``ent`` (the
+    softmax's entropy, from the same sweep) None unless ``entropy``; rows where ``live [B, T]``
+    (bool, any strides) is 0 are not read and get 0."""
     check_layout(logits, target_ids)
     batch, seq, vocab = logits.shape
     logp = torch.empty((batch, seq), device=logits.device, dtype=torch.float32)
-    lse = torch.empty_like(logp)
+    lse = torch.empty_like(logp, dtype=torch.float64)
     ent = torch.empty_like(logp) if entropy else None
     rows = batch * seq
     if rows == 0:
@@ -274,11 +278,12 @@ def logprobs_backward(
 ) -> torch.Tensor:
     """``grad_scale / t * (grad_logp * (onehot - p) - grad_entropy * p * (log p + entropy))`` in
     ``logits.dtype`` (``grad_scale`` a 0-dim tensor read on the device, or None for 1; the
-    entropy term only with ``grad_entropy``, ``entropy`` the forward's): a new contiguous
-    tensor, or (``inplace=True``) written over ``logits`` itself, which is returned."""
+    entropy term only with ``grad_entropy``, ``entropy`` the forward's; ``lse`` the forward's
+    float64 logsumexp, or an fp32 one): a new contiguous tensor, or (``inplace=True``) written
+    over ``logits`` itself, which is returned."""
     check_layout(logits, target_ids)
     assert grad_logp.shape == logits.shape[:2] and grad_logp.dtype == torch.float32
-    assert lse.shape == logits.shape[:2] and lse.dtype == torch.float32
+    assert lse.shape == logits.shape[:2] and lse.dtype in (torch.float64, torch.float32)
     has_entropy = grad_entropy is not None
     if has_entropy:
         assert entropy is not None and grad_entropy.shape == entropy.shape == lse.shape
