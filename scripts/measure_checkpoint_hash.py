@@ -2,21 +2,30 @@
 
 Saves a Qwen2.5-0.5B-shaped policy (494M parameters, fp32: a 1.98 GB model.safetensors) with
 its AdamW state (3.95 GB in trainer_state.pt) through ``save_checkpoint``, alternating saves
-with the content hashes on and off (off: a hash that reads nothing); then times hashing the
-checkpoint alone (``checkpoint.HASH``, and SHA-256 for comparison) and what a resume adds:
+with the content hashes on and off (off: a hash that reads nothing).  Wall times of whole saves
+vary with the disk by more than the hash costs, so each hashed save also records the time its
+own thread spent hashing (the optimizer state, as it is written) and waiting for the background
+hashes: the save's serial hash cost.  Then it times hashing the checkpoint alone
+(``checkpoint.HASH``, and SHA-256 for comparison) and what a resume adds:
 ``checkpoint_problem`` (sizes, headers, hashes) against loading the state and the weights.
-Everything is written under ``--dir`` (default: a temporary folder) and deleted at the end.
+Everything is written under ``--dir`` (default: a temporary folder) and deleted at the end;
+the figures go to stdout and, with ``--out``, to a JSON with the machine, versions and commit.
 
-    python scripts/measure_checkpoint_hash.py --rounds 3
+    python scripts/measure_checkpoint_hash.py --rounds 3 --out benchmarks/results/checkpoint-hash-cpu.json
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
+import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +55,34 @@ def build_state():
     return model, build_toy_tokenizer(), optimizer
 
 
+class Timed:
+    """The real hash, its ``update`` time added to ``spent[thread is main]``."""
+
+    spent = {True: 0.0, False: 0.0}
+
+    def __init__(self, digest) -> None:
+        self._digest = digest
+
+    def update(self, data) -> None:
+        began = time.perf_counter()
+        self._digest.update(data)
+        Timed.spent[threading.current_thread() is threading.main_thread()] += time.perf_counter() - began
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def timed_wait(of):
+    """``_Hashes.of``, its time added to ``Timed.spent[True]`` (the save waits for the hashes)."""
+    def wrapper(self, folder):
+        began = time.perf_counter()
+        try:
+            return of(self, folder)
+        finally:
+            Timed.spent[True] += time.perf_counter() - began
+    return wrapper
+
+
 class NoHash:
     """Takes the bytes and hashes nothing: a save "without hashing"."""
 
@@ -66,25 +103,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="saves with hashes, and as many without")
     parser.add_argument("--dir", help="where to write (default: a temporary folder); deleted after")
+    parser.add_argument("--out", help="also write the figures, machine and versions to this JSON")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="lens-ckpt-hash-", dir=args.dir))
-    real_hasher = ck._hasher
+    real_hasher, real_of = ck._hasher, ck._Hashes.of
     try:
         began = time.perf_counter()
         model, tokenizer, optimizer = build_state()
         print(f"state built in {time.perf_counter() - began:.1f} s", flush=True)
         times = {"hashed": [], "unhashed": []}
+        serial, background = [], []
         step = 0
         for _ in range(args.rounds):
             for kind in ("unhashed", "hashed"):
-                ck._hasher = real_hasher if kind == "hashed" else (lambda name: NoHash())
+                ck._hasher = (lambda name: Timed(real_hasher(name))) if kind == "hashed" else (lambda name: NoHash())
+                ck._Hashes.of = timed_wait(real_of) if kind == "hashed" else real_of
+                Timed.spent = {True: 0.0, False: 0.0}
                 step += 1
                 began = time.perf_counter()
                 final = ck.save_checkpoint(root, step, model, tokenizer, optimizer, {"sampler": {}}, keep=1,
                                            config_yaml="")
                 times[kind].append(time.perf_counter() - began)
-                print(f"save {step} ({kind}): {times[kind][-1]:.2f} s", flush=True)
-        ck._hasher = real_hasher
+                if kind == "hashed":
+                    serial.append(Timed.spent[True])
+                    background.append(Timed.spent[False])
+                print(f"save {step} ({kind}): {times[kind][-1]:.2f} s" + (
+                    f", hashing {serial[-1]:.2f} s in the save's thread, {background[-1]:.2f} s in the "
+                    "background" if kind == "hashed" else ""), flush=True)
+        ck._hasher, ck._Hashes.of = real_hasher, real_of
         size = folder_bytes(final)
         hash_alone = {}
         for kind in dict.fromkeys((ck.HASH, "sha256")):
@@ -106,12 +153,28 @@ def main() -> None:
         load_file(final / "model.safetensors")
         load = time.perf_counter() - began
         hashed, unhashed = statistics.median(times["hashed"]), statistics.median(times["unhashed"])
+        from lens_kernels.bench.report import cpu_model, git_commit
+
         result = {
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "what": "cost of the checkpoint content hashes: save_checkpoint of a Qwen2.5-0.5B-shaped fp32 policy "
+                    "with its AdamW state, hashed and unhashed saves alternated; hashing alone; resume check vs load",
+            "command": "python " + " ".join(sys.argv),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "git_commit": git_commit(),
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
+            "load_average": {"before": [round(x, 2) for x in load_before],
+                             "after": [round(x, 2) for x in os.getloadavg()]},
+            "versions": {name: importlib.metadata.version(name)
+                         for name in ("torch", "transformers", "safetensors", "xxhash")},
+            "python": platform.python_version(),
             "checkpoint_bytes": size,
             "save_s": {"hashed": times["hashed"], "unhashed": times["unhashed"]},
             "save_median_s": {"hashed": hashed, "unhashed": unhashed},
             "hash_cost_of_save": (hashed - unhashed) / unhashed,
+            "serial_hash_s": serial,
+            "background_hash_s": background,
+            "serial_hash_share_of_save": [s / t for s, t in zip(serial, times["hashed"])],
             "hash": ck.HASH,
             "hash_alone_s": hash_alone,
             "hash_alone_GBps": {kind: size / min(times) / 1e9 for kind, times in hash_alone.items()},
@@ -119,8 +182,10 @@ def main() -> None:
             "resume_load_s": load,
         }
         print(json.dumps(result, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     finally:
-        ck._hasher = real_hasher
+        ck._hasher, ck._Hashes.of = real_hasher, real_of
         shutil.rmtree(root, ignore_errors=True)
 
 
