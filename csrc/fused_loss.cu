@@ -3,8 +3,9 @@
 // Used when every token's coefficient is known before the vocabulary pass (old log-probs
 // given, grpo mode or caller-given advantages: lens_kernels/backends/kernel_loss.py).  A
 // masked-out row writes zeros and reads nothing.  A live row: the online logsumexp and the
-// target logit (vocab_row.cuh; logits scaled by 1 / t without bias), then thread 0 computes the token's terms (token_math.cuh, with
-// the row's advantage and aggregation weight from the shared calibration) and the coefficient
+// target logit (vocab_row.cuh; logits scaled by 1 / t without bias), then thread 0 computes
+// the token's terms (token_math.cuh, with the row's advantage and aggregation weight from the
+// shared calibration) and the coefficient
 // it broadcasts through shared memory, then the block writes coef * (onehot - p) into the
 // gradient (a new buffer, or the logits' own storage), rereading the row it has just read.
 #include <cmath>

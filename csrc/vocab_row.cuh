@@ -1,8 +1,8 @@
 // One row of the vocabulary in a thread block: the online logsumexp (each thread keeps a
 // running max and a sum of exponentials, and for the entropy a sum of exp(z - m) (z - m), merged
 // by warp shuffles and then across warps) and the gradient row
-// ``coef * (onehot - p) - coef_h * p * (log p + ent)``.  Logits are scaled by 1 / t as ``Scale``.  Shared by the vocabulary pass
-// (logprobs.cu) and the one-pass loss (fused_loss.cu).  Rows with stride_v == 1 are read (and
+// coef * (onehot - p) - coef_h * p * (log p + ent).  Logits are scaled by 1 / t as Scale does.
+// Shared by the vocabulary pass (logprobs.cu) and the one-pass loss (fused_loss.cu).  Rows with stride_v == 1 are read (and
 // written) with 16-byte vectors from their first 16-byte boundary on, with scalar head and
 // tail elements; other rows use scalar accesses.  All offsets are 64-bit; arithmetic is fp32.
 #pragma once

@@ -116,11 +116,11 @@ def row_logprob(row_ptr, target, V, stride_v, inv_t_hi, inv_t_lo, SCALE: tl.cons
 def write_row_grad(row_ptr, grad_row_ptr, target, V, stride_v, stride_gv, coef, coef_h, lse_hi, lse_lo, ent,
                    inv_t_hi, inv_t_lo, SCALE: tl.constexpr, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
     """``grad_row = coef * (onehot(target) - p) - coef_h * p * (log p + ent)`` in the
-    gradient's dtype, ``log p = (z - lse_hi) - lse_lo`` (the logsumexp in two parts: ``m`` and
-    ``log s`` in the one-pass loss, ``lse`` and 0 from a saved logsumexp), with ``coef`` / ``coef_h`` the row's ``d loss /
-    d logp`` / ``d loss / d ent`` times ``1 / t`` (the ``coef_h`` term only with ``ENTROPY``;
-    ``p = 0`` adds exactly 0).  Zero coefficients write zeros without reading the logits
-    (padding and zero-advantage rows, NaN-safe)."""
+    gradient's dtype, ``log p = (z - lse_hi) - lse_lo`` (the logsumexp in two fp32 parts: ``m``
+    and ``log s`` in the one-pass loss, a saved float64 ``lse`` split in the backward), with
+    ``coef`` / ``coef_h`` the row's ``d loss / d logp`` / ``d loss / d ent`` times ``1 / t``
+    (the ``coef_h`` term only with ``ENTROPY``; ``p = 0`` adds exactly 0).  Zero coefficients
+    write zeros without reading the logits (padding and zero-advantage rows, NaN-safe)."""
     lanes = tl.arange(0, BLOCK_V)
     idle = coef == 0.0
     if ENTROPY:
