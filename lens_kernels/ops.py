@@ -105,6 +105,8 @@ def _logprobs_setup(ctx, inputs, output):
 
 def _logprobs_backward(ctx, grad_logp, _grad_lse, grad_entropy):
     logits, target_ids, lse, ent = ctx.saved_tensors
+    if not ctx.entropy:  # the empty placeholder output (a compiler may hand it a gradient)
+        grad_entropy = None
     if grad_logp is None and grad_entropy is None:
         return None, None, None, None, None, None
     work = accumulation_dtype(logits.dtype)

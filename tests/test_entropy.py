@@ -192,6 +192,18 @@ def test_gradcheck_entropy_float64():
     )
 
 
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_custom_ops_pass_opcheck(entropy):
+    """Schemas, fake kernels and autograd registration of the vocabulary-pass ops."""
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    target = torch.randint(0, 11, (2, 3))
+    torch.library.opcheck(ops._logprobs_fwd, (logits, target, 1 / 0.7, "torch", False, entropy))
+    logp, lse, ent = ops._logprobs_fwd(logits.detach(), target, 1 / 0.7, "torch", False, True)
+    grads = (torch.randn(2, 3), ent) if entropy else (None, None)
+    torch.library.opcheck(ops._logprobs_bwd, (torch.randn(2, 3), logits.detach(), target, lse, 1 / 0.7, "torch",
+                                              None, *grads))
+
+
 def test_token_logprobs_with_entropy_compiles_fullgraph():
     torch._dynamo.reset()
     logits = torch.randn(5, 37, device=DEVICE, requires_grad=True)
