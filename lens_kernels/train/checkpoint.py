@@ -283,10 +283,11 @@ def _safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
-def _manifest_files(path: Path) -> tuple[Optional[dict[str, dict]], Optional[str], Optional[str]]:
+def _manifest_files(path: Path, notice: bool = True) -> tuple[Optional[dict[str, dict]], Optional[str], Optional[str]]:
     """``(files, hash, problem)``: the manifest's ``{name: {"size": n, hash: hex}}`` and the kind
     of hash to check (None: sizes only, for manifests written before content hashes, or hashes
-    this Python cannot compute; a one-line notice says so); ``{}`` without a manifest."""
+    this Python cannot compute; with ``notice``, a one-line notice says so); ``{}`` without a
+    manifest."""
     manifest = path / MANIFEST
     if not manifest.exists():
         return {}, None, None
@@ -295,8 +296,9 @@ def _manifest_files(path: Path) -> tuple[Optional[dict[str, dict]], Optional[str
     except ValueError as err:
         return None, None, f"{manifest}: unreadable ({err})"
     if isinstance(data, dict) and "format" not in data and all(isinstance(v, int) for v in data.values()):
-        log.info("%s: no content hashes (written before lens-kernels recorded them); checked by "
-                 "file size only", manifest)
+        if notice:
+                log.info("%s: no content hashes (written before lens-kernels recorded them); checked by "
+                     "file size only", manifest)
         return {name: {"size": size} for name, size in data.items()}, None, None
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("size"), int)
@@ -304,25 +306,27 @@ def _manifest_files(path: Path) -> tuple[Optional[dict[str, dict]], Optional[str
         return None, None, f"{manifest}: expected {{'format': {MANIFEST_FORMAT}, 'files': {{name: {{'size': ...}}}}}}"
     kind = data.get("hash")
     if not isinstance(kind, str) or _hasher(kind) is None:
-        log.info("%s: content hashes of kind %r, which this Python cannot compute (for xxh3_128: pip "
-                 "install xxhash); checked by file size only", manifest, kind)
+        if notice:
+            log.info("%s: content hashes of kind %r, which this Python cannot compute (for xxh3_128: "
+                     "pip install xxhash); checked by file size only", manifest, kind)
         kind = None
     return files, kind, None
 
 
-def checkpoint_problem(path: Path) -> Optional[str]:
+def checkpoint_problem(path: Path, contents: bool = True) -> Optional[str]:
     """Why the checkpoint folder ``path`` cannot be resumed from, naming the file (None: intact).
 
     Checks that the folder exists; that every file of ``manifest.json`` is there with its size;
-    that each ``.safetensors`` file is as long as its header says; then that every file's
-    content hash is the recorded one (bytes changed on disk at the same size).  Folders written
-    before manifests have none of these but the header check; manifests written before content
-    hashes, all but the last.  ``load_trainer_state`` checks the rest of a checkpoint.
+    that each ``.safetensors`` file is as long as its header says; then, with ``contents``, that
+    every file's content hash is the recorded one (bytes changed on disk at the same size:
+    :func:`content_problem`).  Folders written before manifests have none of these but the
+    header check; manifests written before content hashes, all but the last.
+    ``load_trainer_state`` checks the rest of a checkpoint.
     """
     path = Path(path)
     if not path.is_dir():
         return f"{path}: missing"
-    files, kind, problem = _manifest_files(path)
+    files, _, problem = _manifest_files(path)
     if problem:
         return problem
     for name, entry in files.items():
@@ -335,9 +339,19 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         problem = _safetensors_problem(file)
         if problem:
             return problem
+    return content_problem(path) if contents else None
+
+
+def content_problem(path: Path) -> Optional[str]:
+    """The first file of the checkpoint folder ``path`` whose content hash is not the one its
+    manifest recorded, named (None: all match, or nothing to compare); files of the right size
+    assumed (``checkpoint_problem``)."""
+    files, kind, problem = _manifest_files(Path(path), notice=False)
+    if problem or kind is None:
+        return problem
     for name, entry in files.items():
-        if kind is not None and file_hash(path / name, kind) != entry.get(kind):
-            return (f"{path / name}: its content differs from the {kind} hash that {MANIFEST} recorded "
+        if file_hash(Path(path) / name, kind) != entry.get(kind):
+            return (f"{Path(path) / name}: its content differs from the {kind} hash that {MANIFEST} recorded "
                     "(changed on disk since it was saved)")
     return None
 
@@ -386,11 +400,15 @@ def resume_point(ckpt_dir: Path) -> Optional[ResumePoint]:
     if named is not None and not (ckpt_dir / named).is_dir():
         problems.append(f"{pointer} names {named!r}, which is missing")
     for path in candidates:
-        problem = checkpoint_problem(path)
-        try:
-            state = load_trainer_state(path) if problem is None else None
-        except CheckpointError as err:
-            problem = str(err)
+        problem, state = checkpoint_problem(path, contents=False), None
+        if problem is None:  # the contents are hashed while the trainer state loads
+            with ThreadPoolExecutor(1, thread_name_prefix="lens-checkpoint-hash") as pool:
+                changed = pool.submit(content_problem, path)
+                try:
+                    state = load_trainer_state(path)
+                except CheckpointError as err:
+                    problem = str(err)
+                problem = changed.result() or problem
         if problem is not None:
             problems.append(problem)
             damaged.append(path)

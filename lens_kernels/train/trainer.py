@@ -49,9 +49,10 @@ def setup(config: TrainConfig) -> None:
         importlib.import_module(module)
 
 
-def load_policy(path, config: TrainConfig) -> Policy:
-    """The model and tokenizer of ``path``; a damaged local folder is named, not half-loaded."""
-    problem = checkpoint_problem(Path(path)) if Path(path).is_dir() else None
+def load_policy(path, config: TrainConfig, verified: bool = False) -> Policy:
+    """The model and tokenizer of ``path``; a damaged local folder is named, not half-loaded
+    (its content hashes are not read again when ``verified``, e.g. by ``resume_point``)."""
+    problem = checkpoint_problem(Path(path), contents=not verified) if Path(path).is_dir() else None
     if problem:
         raise CheckpointError(f"cannot load the model of {path}: {problem}")
     with quiet_transformers():
@@ -145,7 +146,7 @@ def train_mode(config: TrainConfig, mode: str, start: Path, out_dir: Path, verif
     resume = resume_point(ckpt_dir)
     ckpt = resume.path if resume else None
     seed_everything(config.seed)
-    policy = load_policy(ckpt or start, config)
+    policy = load_policy(ckpt or start, config, verified=ckpt is not None)
     if announce:
         log.info("loss path: %s", policy.loss_path)
     ref = None
