@@ -4,8 +4,9 @@ fast launch path (``backends.common.launch``) against Triton's own.
 One subprocess (the stand-in replaces Triton's driver for good, and needs Triton without its
 interpreter): it runs the benchmark on a tiny shape, then runs one forward+backward of every
 case through ``kernel[grid](...)``, then twice through ``launch``'s fast path (first bound by
-Triton's binder, then from the kept plan), recording what reaches Triton's C launcher.  No timing is asserted.  Needs gcc and Triton's ptxas (it
-compiles the kernels for sm_90, a few seconds with Triton's cache warm).
+Triton's binder, then from the kept plan), recording what reaches Triton's C launcher.  No
+timing is asserted.  Needs gcc and Triton's ptxas: it compiles the kernels for sm_90 (~15 s of
+CPU on a cold Triton cache, a few seconds warm).
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def test_fast_launch_hands_triton_the_same_kernel_and_arguments(stand_in_run):
     _, launches, _ = stand_in_run
     assert launches.pop("hooks_empty")  # so passing no hooks and no launch metadata changes nothing
     for case, runs in launches.items():
-        (triton_path, _), (bound, bound_taken), (planned, planned_taken) = runs["triton"], runs["bound"], runs["planned"]
+        (triton_path, _), (bound, bound_taken), (planned, planned_taken) = (
+            runs["triton"], runs["bound"], runs["planned"])
         assert bound == triton_path and planned == triton_path, case
         assert bound_taken and all(bound_taken) and all(planned_taken), case
         if case.endswith("misaligned=True"):  # the calibration reads rewards: another compiled variant

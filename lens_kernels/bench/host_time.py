@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-CASES = [(backend, mode, policy) for backend in ("triton", "cuda") for mode in ("grpo", "lens") for policy in ("off", "on")]
+CASES = [(backend, mode, policy)
+         for backend in ("triton", "cuda") for mode in ("grpo", "lens") for policy in ("off", "on")]
 PROFILED = [("triton", "grpo", "off"), ("triton", "lens", "on")]
 INCLUDED = ("validation, options, custom-op plumbing and autograd of lens_kernels; the launchers and their "
             "torch allocations (CPU malloc); Triton's launch path as lens_kernels takes it (JITFunction.run: "
@@ -247,14 +248,16 @@ def markdown(runs: dict) -> str:
         cells = ["-" if r is None else f"{r['cpu']['median_us']:.0f} ({r['cpu']['p10_us']:.0f})" for r in found]
         if len(labels) > 1:
             first, last = keyed[ratio[0]].get(case), keyed[ratio[1]].get(case)
-            cells.append("-" if first is None or last is None else f"{last['cpu']['median_us'] / first['cpu']['median_us']:.2f}")
+            cells.append("-" if first is None or last is None
+                         else f"{last['cpu']['median_us'] / first['cpu']['median_us']:.2f}")
         lines.append(_row(list(case) + cells))
     for label, run in runs.items():
         env, shape = run["environment"], run["shape"]
         lines += ["", f"## {label}", "",
                   f"- command: `{env['command']}`",
                   f"- code: {env.get('tree') or 'commit ' + str(env['git_commit'])}, run {env['date_utc']}",
-                  f"- machine: {env['host_cpu']}, load average {env['load_average']} at the end (shared with other jobs)",
+                  f"- machine: {env['host_cpu']}, load average {env['load_average']} at the end "
+                  "(shared with other jobs)",
                   f"- python {env['python']}, torch {env['torch']}, triton {env['triton']}",
                   f"- shape: B={shape['batch']} T={shape['length']} V={shape['vocab']} G={shape['group_size']}, "
                   f"{shape['calls']} timed calls x {shape['repeats']} repeats (cases interleaved) after "
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in result["results"]:
         cpu, wall = r["cpu"], r["wall"]
         print(f"{r['backend']:6} {r['mode']:4} {r['policy']:3}-policy: CPU median {cpu['median_us']:6.1f} us, "
-              f"p10 {cpu['p10_us']:6.1f} us, repeats {cpu['repeat_medians_us']}; wall median {wall['median_us']:6.1f} us; "
+              f"p10 {cpu['p10_us']:6.1f} us, repeats {cpu['repeat_medians_us']}; "
+              f"wall median {wall['median_us']:6.1f} us; "
               f"{r['launches']} launches, {r['allocations']} allocations, {r['aten_ops']} aten ops")
     if args.save:
         save(result, args.label, args.save)

@@ -109,31 +109,30 @@ def _cuda_backend_stub() -> str:
     return "\n".join(lines) + "\n"
 
 
-class _StandInDriver:
-    """Triton's CUDA driver with the device queries answered for one H100."""
+def _stand_in_driver():
+    """Triton's CUDA driver with the device queries answered for one H100 (device 0, stream 0)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.driver import CudaDriver
 
-    def __new__(cls):
-        from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.driver import CudaDriver
+    class StandIn(CudaDriver):
+        def __init__(self):
+            super().__init__()  # builds Triton's cuda_utils module against the stub libcuda
+            self.get_device_capability = lambda device=None: H100
+            self.get_current_stream = lambda device=None: 0
+            self.get_current_device = lambda: 0
+            self.set_current_device = lambda device: None
 
-        class StandIn(CudaDriver):
-            def __init__(self):
-                super().__init__()
-                self.get_device_capability = lambda device=None: H100
-                self.get_current_stream = lambda device=None: 0
-                self.get_current_device = lambda: 0
-                self.set_current_device = lambda device: None
+        def get_current_target(self):
+            return GPUTarget("cuda", H100[0] * 10 + H100[1], 32)
 
-            def get_current_target(self):
-                return GPUTarget("cuda", H100[0] * 10 + H100[1], 32)
-
-        return StandIn()
+    return StandIn()
 
 
 def activate(workdir: str | os.PathLike | None = None) -> Path:
     """Make this process launch through the stand-in H100 (for good); returns the folder of
-    the stub libraries (a temporary one, removed at exit, unless ``workdir``).  Sets ``LENS_KERNELS_CUDA_LIBRARY`` to the stub cuda backend and makes
-    both GPU backends report themselves available for CPU tensors."""
+    the stub libraries (a temporary one, removed at exit, unless ``workdir``).  Sets
+    ``LENS_KERNELS_CUDA_LIBRARY`` to the stub cuda backend and makes both GPU backends report
+    themselves available for CPU tensors."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("stand-in GPU: unset TRITON_INTERPRET (the interpreter never reaches the launch path)")
     import triton
@@ -158,7 +157,7 @@ def activate(workdir: str | os.PathLike | None = None) -> Path:
     libcuda = _compile(_LIBCUDA_STUB, folder / "libcuda.so.1", "libcuda.so.1", include)
     ctypes.CDLL(str(libcuda), mode=ctypes.RTLD_GLOBAL)  # later dlopen("libcuda.so.1") finds this one
     knobs.nvidia.libcuda_path = str(folder)
-    driver.set_active(_StandInDriver())
+    driver.set_active(_stand_in_driver())
 
     stub = _compile(_cuda_backend_stub(), folder / library.LIBRARY_FILE, library.LIBRARY_FILE, [])
     os.environ[library.LIBRARY_ENV] = str(stub)

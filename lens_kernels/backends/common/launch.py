@@ -99,7 +99,8 @@ def _plan(kernel, args: tuple, kwargs: dict):
     """``(compiled kernel, constexpr tail, stream)`` for the fast path, or None."""
     caches = getattr(kernel, "device_caches", None)
     runtime = knobs.runtime
-    if caches is None or kernel.pre_run_hooks or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+    if caches is None or kernel.pre_run_hooks or _hooked(runtime.launch_enter_hook) \
+            or _hooked(runtime.launch_exit_hook):
         return None
     active = driver.active
     device = active.get_current_device()
