@@ -16,10 +16,11 @@ it takes Triton's path.
 Skipped on that path, as a training loop never needs them: empty launch-hook chains (no
 launch-metadata record per launch), per-call option parsing, and the per-launch comparison of
 the module globals a kernel read when it compiled (checked once per kernel; ``lens_kernels``
-never rebinds them).  Everything goes through ``kernel[grid](...)`` unchanged under the
-interpreter, with launch hooks or pre-run hooks set (profilers), while a kernel compiles
-asynchronously, with an argument of another type (e.g. a bool or a NumPy integer), on a Triton
-other than the 3.6 whose internals this reads, or with ``LENS_KERNELS_FAST_LAUNCH=0``.
+never rebinds them).  A launch with an argument of another type (e.g. a bool or a NumPy
+integer) is bound by Triton's binder every time (no plan is kept).  Everything goes through
+``kernel[grid](...)`` unchanged under the interpreter, with launch hooks or pre-run hooks set
+(profilers), before a specialization is compiled or while it compiles asynchronously, on a
+Triton other than the 3.6 whose internals this reads, or with ``LENS_KERNELS_FAST_LAUNCH=0``.
 
 Host time per launch of the finalize kernel (8 arguments), Triton 3.6 on the CPU-only
 stand-in H100 of ``lens_kernels.bench.host_time``: see benchmarks/NOTES.md.
@@ -37,7 +38,8 @@ import triton
 from triton import knobs
 from triton.runtime import driver
 
-_FAST = triton.__version__.split(".")[:2] == ["3", "6"] and os.environ.get("LENS_KERNELS_FAST_LAUNCH", "1") != "0"
+_FAST = triton.__version__.split(".")[:2] == ["3", "6"] \
+    and os.environ.get("LENS_KERNELS_FAST_LAUNCH", "1") != "0"
 if _FAST:
     from triton.compiler.compiler import CompiledKernel
     from triton.runtime.jit import compute_cache_key
