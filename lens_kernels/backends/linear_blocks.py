@@ -95,8 +95,9 @@ def linear_logprobs_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target_ids: torch.Tensor,
     inv_temperature: float, backend: str, live: Optional[torch.Tensor] = None, entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(logp [N], lse [2, N], ent [N] or None)`` fp32 (``lse`` as the ``(logsumexp, 0)``
-    parts of the fused-linear op's contract, ``linear_ops``; ``ent`` with ``entropy``, from
+    """``(logp [N], lse [2, N], ent [N] or None)`` fp32 (``lse`` as two parts whose sum is the
+    logsumexp, the fused-linear op's contract, ``linear_ops``: here the fp32 rounding of the
+    row kernels' float64 logsumexp and its remainder; ``ent`` with ``entropy``, from
     the same sweep of each row) of ``hidden [N, d]``, ``weight [V, d]``, ``bias`` and
     ``target_ids [N]`` (ids outside ``[0, V)`` give NaN) through ``backend``'s row kernels;
     0 at rows where ``live [N]`` (bool, optional) is False (the library GEMM still makes their
@@ -104,7 +105,7 @@ def linear_logprobs_forward(
     rows = hidden.shape[0]
     vocab = weight.shape[0]
     logp = torch.empty(rows, device=hidden.device, dtype=torch.float32)
-    lse = torch.zeros((2, rows), device=hidden.device, dtype=torch.float32)  # row 1: 0, the kernels give it whole
+    lse = torch.zeros((2, rows), device=hidden.device, dtype=torch.float32)
     ent = torch.empty_like(logp) if entropy else None
     kernels = get(backend)
     buffer, spans = blocks(hidden, vocab)
@@ -114,6 +115,7 @@ def linear_logprobs_forward(
         block_logp, block_lse, block_ent = kernels.logprobs_forward(z[:, None], target_ids[r, None], inv_temperature,
                                                                     entropy=entropy)
         logp[r], lse[0, r] = block_logp[:, 0], block_lse[:, 0]
+        lse[1, r] = block_lse[:, 0] - lse[0, r].to(block_lse.dtype)
         if entropy:
             ent[r] = block_ent[:, 0]
     if live is not None:
@@ -136,7 +138,7 @@ def linear_logprobs_backward(
     dw = (torch.empty if rows else torch.zeros)(weight.shape, device=weight.device, dtype=weight.dtype)
     db = None if bias is None else torch.zeros(vocab, device=hidden.device, dtype=torch.float32)
     kernels = get(backend)
-    lse = lse.sum(0)
+    lse = lse[0].double() + lse[1].double()  # the row kernels split it again into fp32 parts
     active = grad_logp != 0
     if grad_entropy is not None:
         active |= grad_entropy != 0
