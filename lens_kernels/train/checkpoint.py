@@ -39,8 +39,8 @@ import torch
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 1 (no "format" key): {file: size}; 2: sizes and content hashes
-# XXH3-128 hashes ~20 GB/s from the page cache on one core (SHA-256 ~1 GB/s): the content hash of
-# a checkpoint costs ~1 % of its save (docs/trainer.md, scripts/measure_checkpoint_hash.py).
+# XXH3-128 hashes ~18 GB/s from the page cache on one core (SHA-256 ~1.8 GB/s): the content hashes
+# cost about 4 % of a save (docs/trainer.md, benchmarks/results/checkpoint-hash-cpu.json).
 HASH = "xxh3_128" if importlib.util.find_spec("xxhash") else "sha256"
 HASH_BLOCK = 16 * 2**20
 STEP_DIR = re.compile(r"step_(\d+)")
