@@ -19,7 +19,7 @@ import lens_kernels as lk
 from lens_kernels.config import LOSS_AGG_MODES, MODES
 
 from .conftest import DEVICE
-from .test_unchecked_inputs import backend, emulated  # noqa: F401  (fixtures: every backend, cuda emulated)
+from .test_unchecked_inputs import backend  # noqa: F401  (fixture: every backend, cuda emulated on the CPU)
 
 ARGUMENTS = set(inspect.signature(lk.fused_lens_loss).parameters)
 NAMED = re.compile(r"^([a-z_]+)( / ([a-z_]+))?: ")
