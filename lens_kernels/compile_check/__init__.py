@@ -5,8 +5,8 @@ shapes on ``meta`` tensors (``launches``), records the specialization of every k
 (and of every autotune candidate) that a stand-in ``sm_90`` / ``sm_80`` driver gives
 (``capture``), compiles each distinct one to a cubin with the installed Triton and its ptxas
 (``build``), and fails on a compile error, shared memory over the target's limit, or a spill
-on ``sm_90`` (``report.problems``); it prints registers, spills and shared memory per kernel
-and per autotune candidate (``report.tables``).
+on ``sm_90`` outside the measured configurations (``report.problems``); it prints registers,
+spills and shared memory per kernel and per autotune candidate (``report.tables``).
 
 Run it in a process without ``TRITON_INTERPRET`` (the interpreter replaces the kernels'
 compiler); ``tests/test_compile_targets.py`` does so in a subprocess.

@@ -16,7 +16,7 @@ import triton
 from triton.backends.nvidia.compiler import get_ptxas
 
 from . import TARGETS, compile_all, specializations
-from .report import problems, save, tables
+from .report import measured_spills, problems, save, tables
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -48,6 +48,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     print(tables(builds))
     print("\n" + "\n".join(f"{k}: {v}" for k, v in meta.items()))
+    for line in measured_spills(builds):
+        print(f"ACCEPTED (measured configuration) {line}")
     for line in found:
         print(f"PROBLEM {line}")
     if args.save:

@@ -39,6 +39,7 @@ class Build(NamedTuple):
     arch: int
     kernel: str  # the function's name
     tuned: bool  # autotuned: config is one of its candidates
+    measured: bool  # the first candidate: the configuration measured on an H100
     dtype: str  # element type of its first pointer argument
     config: str  # BLOCK_* constexprs, warps and stages
     flags: str  # the other constexprs
@@ -112,8 +113,8 @@ def build(spec: Specialization) -> Build:
                 compiled = fn.preload(spec.data)
         except Exception as error:  # a compile error is a result: reported, and the check fails
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            return Build(spec.arch, kernel, tuned, dtype, config, flags, spec.case, 0, 0, 0, 0, 0,
+            return Build(spec.arch, kernel, tuned, spec.measured, dtype, config, flags, spec.case, 0, 0, 0, 0, 0,
                          f"{type(error).__name__}: {first}"[:300])
     numbers = _ptxas_numbers(log.getvalue())
-    return Build(spec.arch, kernel, tuned, dtype, config, flags, spec.case, numbers["registers"],
+    return Build(spec.arch, kernel, tuned, spec.measured, dtype, config, flags, spec.case, numbers["registers"],
                  numbers["spill_stores"], numbers["spill_loads"], numbers["stack"], compiled.metadata.shared, "")

@@ -28,11 +28,13 @@ from triton.runtime.driver import driver
 class Specialization(NamedTuple):
     """One compilation of one kernel: ``data`` is Triton's serialized specialization (JSON:
     the kernel's full name, signature, constexprs, attributes and options), ``case`` the first
-    launch sequence that produced it."""
+    launch sequence that produced it, ``measured`` whether it is the first autotune candidate
+    of its list (the configuration measured on an H100, ``linear_tile.gpu_configs``)."""
 
     arch: int
     data: str
     case: str
+    measured: bool = False
 
     @property
     def kernel(self) -> str:
@@ -84,27 +86,27 @@ def stand_in(arch: int) -> Iterator[None]:
         driver.set_active(previous)
 
 
-def _every_candidate(self: Autotuner, *args, **kwargs) -> None:
-    """``Autotuner.run`` that launches every candidate its pruning keeps, untimed."""
-    self.nargs = dict(zip(self.arg_names, args))
-    for config in self.prune_configs(kwargs):
-        self.fn.run(*args, **kwargs, **config.all_kwargs())
-    self.nargs = None
-
-
 def record_launches(arch: int, cases: Iterator[tuple[str, Callable[[], None]]]) -> list[Specialization]:
     """The distinct specializations for ``sm_<arch>`` of every launch made by the ``cases``
     (``(label, run)`` pairs), in first-seen order."""
     found: dict[str, Specialization] = {}
-    label = ""
+    label, candidate = "", None
+
+    def every_candidate(self: Autotuner, *args, **kwargs) -> None:
+        """``Autotuner.run`` launching every candidate its pruning keeps, untimed."""
+        nonlocal candidate
+        self.nargs = dict(zip(self.arg_names, args))
+        for candidate, config in enumerate(self.prune_configs(kwargs)):
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+        self.nargs, candidate = None, None
 
     def record(*, compile, **_) -> bool:
         data = compile["specialization_data"]
-        found.setdefault(data, Specialization(arch, data, label))
+        found.setdefault(data, Specialization(arch, data, label, candidate == 0))
         return True  # compiled elsewhere: skip the compilation, and so the launch
 
     previous_hook, previous_run = knobs.runtime.jit_cache_hook, Autotuner.run
-    knobs.runtime.jit_cache_hook, Autotuner.run = record, _every_candidate
+    knobs.runtime.jit_cache_hook, Autotuner.run = record, every_candidate
     try:
         with stand_in(arch):
             for label, run in cases:

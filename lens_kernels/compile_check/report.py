@@ -7,24 +7,38 @@ from typing import Iterable, Sequence
 
 from .build import Build
 
-# Where no candidate may spill: the GPU the candidate lists are kept for (an H100).  On other
-# targets spills are reported, not failed: the autotuner there times them against the rest.
+# Where no kernel may spill: the GPU the autotune candidates are kept for (an H100), except the
+# configuration measured there (the first of each list: its measurement justifies it).  On
+# other targets spills are reported, not failed: the autotuner there times them like the rest.
 NO_SPILL_ARCHS = (90,)
 
 
+def _where(b: Build) -> str:
+    return f"sm_{b.arch} {b.kernel} {b.dtype} [{b.config}] {b.flags} ({b.case})"
+
+
+def _spill(b: Build) -> str:
+    return f"spills {b.spill_stores} B stored / {b.spill_loads} B loaded ({b.registers} registers)"
+
+
 def problems(builds: Iterable[Build]) -> list[str]:
-    """Every compile error, shared-memory overflow and (on :data:`NO_SPILL_ARCHS`) spill."""
+    """Every compile error, shared-memory overflow and (on :data:`NO_SPILL_ARCHS`) spill of
+    a kernel that is not a measured configuration."""
     found = []
     for b in builds:
-        where = f"sm_{b.arch} {b.kernel} {b.dtype} [{b.config}] {b.flags} ({b.case})"
         if b.error:
-            found.append(f"{where}: {b.error}")
+            found.append(f"{_where(b)}: {b.error}")
         elif b.shared > b.shared_limit:
-            found.append(f"{where}: {b.shared} B of shared memory, over the {b.shared_limit} B limit")
-        elif b.spills and b.arch in NO_SPILL_ARCHS:
-            found.append(f"{where}: spills {b.spill_stores} B stored / {b.spill_loads} B loaded "
-                         f"({b.registers} registers)")
+            found.append(f"{_where(b)}: {b.shared} B of shared memory, over the {b.shared_limit} B limit")
+        elif b.spills and b.arch in NO_SPILL_ARCHS and not b.measured:
+            found.append(f"{_where(b)}: {_spill(b)}")
     return found
+
+
+def measured_spills(builds: Iterable[Build]) -> list[str]:
+    """The spills on :data:`NO_SPILL_ARCHS` that :func:`problems` accepts (measured configurations)."""
+    return [f"{_where(b)}: {_spill(b)}" for b in builds
+            if not b.error and b.spills and b.arch in NO_SPILL_ARCHS and b.measured]
 
 
 def _rows(builds: Sequence[Build], key) -> dict[tuple, list[Build]]:
@@ -55,7 +69,8 @@ def tables(builds: Sequence[Build]) -> str:
     for (arch, kernel, dtype, config), group in sorted(
             _rows(tuned, lambda b: (b.arch, b.kernel, b.dtype, b.config)).items(),
             key=lambda item: (-item[0][0], item[0][1], item[0][2])):
-        lines.append(f"| sm_{arch} | {kernel} | {dtype} | {config} | " + " | ".join(_cells(group)) + " |")
+        label = f"{config} (measured)" if group[0].measured else config
+        lines.append(f"| sm_{arch} | {kernel} | {dtype} | {label} | " + " | ".join(_cells(group)) + " |")
     return "\n".join(lines)
 
 

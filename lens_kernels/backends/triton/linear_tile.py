@@ -110,9 +110,10 @@ def gpu_configs() -> dict[str, dict[int, list[triton.Config]]]:
     with fp32 accumulation; 4: fp32 with IEEE dots, half-size tiles).  The first of each list
     is the configuration measured on an H100 before autotuning (benchmarks/NOTES.md, issue 9).
     Every ``BLOCK_V`` divides the GPU ``Tiles.split_cols`` and ``chunk_align``.  No candidate
-    spills registers on sm_90 at production shapes in any kernel of its family
-    (``tests/test_compile_targets.py``; the candidates that did, removed without a GPU
-    measurement to justify them, are in benchmarks/results/compile-sm90-sm80.md)."""
+    but the measured one spills registers on sm_90 in any kernel of its family at the
+    production shapes of issue 19 (``python -m lens_kernels.compile_check --full``; in CI,
+    ``tests/test_compile_targets.py`` at one shape per dtype); those that did were removed, no
+    GPU measurement justifying them (benchmarks/NOTES.md, issue 19)."""
     return {
         "logits": {  # [BLOCK_N, BLOCK_V] logit tiles, a loop over d in BLOCK_K steps
             2: [_config(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_K=64)],
@@ -123,8 +124,7 @@ def gpu_configs() -> dict[str, dict[int, list[triton.Config]]]:
             4: [_config(4, 2, BLOCK_N=64, BLOCK_D=64, BLOCK_K=32), _config(8, 2, BLOCK_N=128, BLOCK_D=64, BLOCK_K=32)],
         },
         "dw": {  # [BLOCK_V, BLOCK_D] tiles of dW, a loop over the live row blocks (Tiles.dw_rows)
-            2: [_config(8, 3, BLOCK_V=128, BLOCK_D=128), _config(8, 3, BLOCK_V=128, BLOCK_D=256),
-                _config(8, 3, BLOCK_V=256, BLOCK_D=128), _config(4, 4, BLOCK_V=128, BLOCK_D=128)],
+            2: [_config(8, 3, BLOCK_V=128, BLOCK_D=128)],
             4: [_config(4, 2, BLOCK_V=64, BLOCK_D=64)],
         },
     }
