@@ -46,6 +46,11 @@ def link(path: str, here: str) -> str:
     return f"[{Path(path).name}]({Path(os.path.relpath(ROOT / path, ROOT / here)).as_posix()})"
 
 
+def shared(load_average: float, own_threads: int) -> bool:
+    """Whether other jobs ran beside a measurement: more runnable threads than its own."""
+    return load_average > own_threads + 0.5
+
+
 def threads(count: int) -> str:
     return f"{count} torch thread" + ("s" if count != 1 else "")
 
@@ -129,10 +134,11 @@ def cpu_loss(here: str) -> str:
             for r in ok if r["tokens"] == tokens]
     first = next(r for r in ok if r["tokens"] == tokens)
     load_avg = env["load_average"][0]
+    machine = "other jobs shared the machine" if shared(load_avg, env["torch_threads"]) else "a quiet machine"
     return "\n".join([
         f"fp32 logits, V={first['vocab']}, N={tokens} tokens ({first['batch']} x {first['length']}), "
         f"on-policy lens, on {_bench_source(env, CPU_LOSS, here)}; load average {load_avg} on "
-        f"{env['device'].split('(')[-1].rstrip(')')} during the run (other jobs shared the machine).",
+        f"{env['device'].split('(')[-1].rstrip(')')} at the start ({machine}).",
         "",
         table(["implementation", "fwd ms", "fwd+bwd ms", "peak +MB", "peak minus gradient, MB",
                "gradient error (relative)"], rows),
@@ -161,15 +167,15 @@ def train_time(here: str) -> str:
     """Wall time of the run, with the machine, its load and the command."""
     data = _train()
     minutes, seconds = divmod(round(data["wall_s"]), 60)
-    load_avg = data["load_average"]
+    start, end = data["load_average"]["start"][0], data["load_average"]["end"][0]
+    machine = "a machine shared with other jobs" if shared(max(start, end), data["torch_threads"]) else "a quiet machine"
     steps = [r for records in data["records"].values() for r in records if "time_step" in r]
     step_s = sorted(r["time_step"] for r in steps)[len(steps) // 2]
     versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v and k != "lens-kernels")
     return (f"`{data['command']}` took {minutes} min {seconds:02d} s on {data['device']} with "
-            f"{threads(data['torch_threads'])} (median RL step {step_s:.2f} s), load average "
-            f"{load_avg['start'][0]} at the start and {load_avg['end'][0]} at the end (1-minute averages, other "
-            f"jobs included), commit `{data['git_commit']}`, {data['date_utc'][:10]}; {versions} "
-            f"({link(TRAIN_DEFAULT, here)}).")
+            f"{threads(data['torch_threads'])}, on {machine} (1-minute load average {start} at the start, "
+            f"{end} at the end; median RL step {step_s:.2f} s), at commit `{data['git_commit']}` on "
+            f"{data['date_utc'][:10]}, with {versions} ({link(TRAIN_DEFAULT, here)}).")
 
 
 def train_phases(here: str) -> str:
