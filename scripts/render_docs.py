@@ -188,6 +188,41 @@ def train_phases(here: str) -> str:
     return table(list(phases.values()), [cells], 0)
 
 
+# --- checkpoint hashes ----------------------------------------------------------------------
+
+CHECKPOINT_HASH = "benchmarks/results/checkpoint-hash-cpu.json"
+
+
+def _span(values, digits: int = 1, scale: float = 1.0) -> str:
+    low, high = min(values) * scale, max(values) * scale
+    return f"{low:.{digits}f}-{high:.{digits}f}"
+
+
+def checkpoint_hash(here: str) -> str:
+    """What the checkpoints' content hashes cost (scripts/measure_checkpoint_hash.py)."""
+    data = load(CHECKPOINT_HASH)
+    gb = f"{data['checkpoint_bytes'] / 1e9:.1f} GB"
+    machine, _, memory = data["machine"].partition(", 2 torch threads, ")
+    save, first_unhashed = data["save_s"], data["save_s"]["unhashed"][0]
+    alone = data["hash_alone_s"]
+    return (
+        f"What the hashes cost, measured by `scripts/measure_checkpoint_hash.py` on {machine} "
+        f"({memory.replace(' RAM', '')}, load average {data['load_average']['before'][0]:.0f} from other jobs; torch "
+        f"{data['versions']['torch'].split('+')[0]}, xxhash {data['versions']['xxhash']}) for a "
+        f"Qwen2.5-0.5B-shaped fp32 policy with its AdamW state, {gb} per checkpoint: a save took "
+        f"{_span(save['hashed'])} s, of which its own thread spent {_span(data['serial_hash_s'], 2)} s hashing "
+        f"({_span(data['serial_hash_share_of_save'], 1, 100)} %; the optimizer state is hashed as `torch.save` "
+        f"writes it, the model files are read back by a background thread meanwhile, "
+        f"{_span(data['background_hash_s'], 2)} s there); saves without the hashes took "
+        f"{_span(save['unhashed'][1:])} s ({first_unhashed:.0f} s for the run's first save). Resuming took "
+        f"{data['resume_median_s']['hashed']:.1f} s (median of {len(data['resume_s']['hashed'])}) against "
+        f"{data['resume_median_s']['unhashed']:.1f} s without the hashes, which are read in a thread while "
+        f"`torch.load` reads the trainer state. Hashing the {gb} alone takes {_span(alone['xxh3_128'], 2)} s with "
+        f"XXH3-128 and {_span(alone['sha256'])} s with SHA-256, at commit `{data['git_commit']}` on "
+        f"{data['date_utc'][:10]} ({link(CHECKPOINT_HASH, here)})."
+    )
+
+
 # --- lens-study ------------------------------------------------------------------------------
 
 SUMMARY_METRICS = {"final pass@1": "final pass@1", "final pass@16": "final pass@16",
@@ -259,6 +294,7 @@ BLOCKS: dict[str, Callable[..., str]] = {
     "h100-loss": h100_loss, "h100-linear": h100_linear, "cpu-loss": cpu_loss,
     "train-table": train_table, "train-time": train_time, "train-phases": train_phases,
     "study-summary": study_summary, "study-hard": study_hard, "study-setup": study_setup,
+    "checkpoint-hash": checkpoint_hash,
 }
 
 
