@@ -250,6 +250,8 @@ def _meta(value):
 
 DEVICE_CALLS = {  # function: (call, its tensor arguments in order; the first sets the device)
     "fused_lens_loss": (lambda L, y, m, r: lk.fused_lens_loss(L, y, m, r, group_size=2), "logits the logits'"),
+    "fused_lens_loss triton": (lambda L, y, m, r: lk.fused_lens_loss(L, y, m, r, group_size=2, backend="triton"),
+                               "logits the logits'"),  # said "backend: 'triton' is not available ... on meta"
     "reference.fused_lens_loss": (lambda L, y, m, r: lk.reference.fused_lens_loss(L, y, m, r, group_size=2),
                                   "logits the logits'"),
     "token_logprobs": (lambda L, y, m, r: lk.token_logprobs(L, y), "logits the logits'"),
