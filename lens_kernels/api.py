@@ -170,7 +170,9 @@ def token_logprobs(
     ``logits [B, T, V]`` (any strides), ``target_ids [B, T]`` int64 in ``[0, V)`` -> ``[B, T]``;
     or packed tokens: ``logits [N, V]``, ``target_ids [N]`` -> ``[N]``.  fp32 (float64 for
     float64 logits, torch backend), differentiable in ``logits``; no ``[B, T, V]`` fp32 buffer
-    is made.
+    is made.  ``check_values`` (default True) checks the id range (one host sync); with
+    ``check_values=False`` an id outside ``[0, V)`` gives NaN on every backend, and its
+    gradient has no one-hot term (``-g * softmax``).
 
     ``return_entropy=True`` returns ``(logp, entropy)``: ``entropy = -sum_v p_v log p_v`` of
     ``p = softmax(logits / temperature)`` per token, same shape and dtype, computed in the same
