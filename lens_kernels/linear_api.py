@@ -39,7 +39,8 @@ def fused_linear_token_logprobs(
     ``target_ids [B, T]`` / ``[N]`` int64 in ``[0, V)`` -> ``[B, T]`` / ``[N]`` fp32 (float64
     for float64 inputs): outputs follow the input's layout.  Differentiable in ``hidden``,
     ``weight`` and ``bias``; under ``torch.no_grad()`` it is the sampler-side "old log-probs"
-    pass.  ``check_values=False`` skips the id-range check (no host sync).
+    pass.  ``check_values=False`` skips the id-range check (no host sync); an id outside
+    ``[0, V)`` then gives NaN on every path.
     ``completion_mask [B, T]`` / ``[N]`` (bool or 0/1, optional): the log-prob (and entropy)
     is 0 where it is not set, with no gradient (ids there may be anything, e.g. -100), and the
     Triton tiles skip those positions (the rows in the mask are packed first), the torch
