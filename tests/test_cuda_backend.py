@@ -34,8 +34,14 @@ LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w:, ]+>)?)<<<(.+?), (.+?), 0, (\w+)>
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+_BUILT: list[Path] = []
+
+
 def build_emulated_library(out_dir: Path) -> Path:
-    """csrc/*.cu as host C++: launches become ``lk_emu::launch(grid, threads, kernel, args)``."""
+    """csrc/*.cu as host C++: launches become ``lk_emu::launch(grid, threads, kernel, args)``.
+    Built once per test process (about 10 s): later calls return the first library."""
+    if _BUILT:
+        return _BUILT[0]
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("g++ not found: cannot build the host emulation of csrc/")
@@ -51,6 +57,7 @@ def build_emulated_library(out_dir: Path) -> Path:
                f"-I{CSRC / 'host_emulation'}", f"-I{CSRC}", *map(str, sources), "-o", str(library_file)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"host emulation of csrc/ does not compile:\n{result.stderr[-4000:]}"
+    _BUILT.append(library_file)
     return library_file
 
 
