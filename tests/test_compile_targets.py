@@ -18,7 +18,6 @@ the time, so not in CI.  The tables of a full run are in benchmarks/results/comp
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from lens_kernels.compile_check.build import Build  # noqa: E402
-from lens_kernels.compile_check.report import problems  # noqa: E402
+from lens_kernels.compile_check.report import load, problems  # noqa: E402
 
 FULL = os.environ.get("LENS_KERNELS_COMPILE_FULL", "0") not in ("", "0")
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -50,7 +49,7 @@ def compiled(tmp_path_factory) -> tuple[list[Build], str]:
         pytest.fail(f"the compile check wrote nothing (exit {run.returncode}):\n{run.stdout[-3000:]}"
                     f"{run.stderr[-3000:]}")
     print(run.stdout)
-    builds = [Build(**b) for b in json.loads(Path(f"{stem}.json").read_text())["builds"]]
+    builds = load(f"{stem}.json")
     return builds, run.stdout
 
 
@@ -116,7 +115,7 @@ def _build(arch=90, registers=128, spill=0, shared=0, error="", measured=False) 
     pytest.param(_build(), False, id="clean"),
     pytest.param(_build(registers=255, spill=60), True, id="spill-on-sm90"),
     pytest.param(_build(arch=80, registers=255, spill=396), False, id="spill-on-sm80-reported-only"),
-    pytest.param(_build(registers=168, spill=24, measured=True), False, id="spill-of-the-measured-config-reported-only"),
+    pytest.param(_build(registers=168, spill=24, measured=True), False, id="measured-config-spill-reported-only"),
     pytest.param(_build(shared=227 * 1024 + 1), True, id="shared-over-sm90-limit"),
     pytest.param(_build(arch=80, shared=163 * 1024 + 1), True, id="shared-over-sm80-limit"),
     pytest.param(_build(error="PTXASError: ptxas failed"), True, id="compile-error"),

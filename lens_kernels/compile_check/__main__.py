@@ -42,7 +42,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "coverage": "every shape of issue 19 (--full)" if args.full else "one production shape per dtype",
         "triton": triton.__version__, "ptxas": version, "host": f"{platform.machine()}, {os.cpu_count()} cores",
         "specializations": len(builds),
-        "time": f"{captured - start:.1f} s capture, {done - captured:.1f} s compile ({args.jobs} processes), "
+        "time": f"{captured - start:.1f} s capture, {done - captured:.1f} s compile ({args.jobs} process{'es' * (args.jobs > 1)}), "
                 f"{cpu:.0f} s CPU in all (load average {os.getloadavg()[0]:.1f})",
         "problems": len(found),
     }

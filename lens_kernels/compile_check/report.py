@@ -75,10 +75,20 @@ def tables(builds: Sequence[Build]) -> str:
 
 
 def save(builds: Sequence[Build], meta: dict, stem: str) -> None:
-    """``stem.json`` (every build, and ``meta``) and ``stem.md`` (``meta`` and the tables)."""
+    """``stem.json`` (``meta``, and every build as a row of ``Build._fields``, one per line)
+    and ``stem.md`` (``meta`` and the tables)."""
+    rows = ",\n".join(json.dumps(list(b)) for b in builds)
     with open(f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "builds": [b._asdict() for b in builds]}, f, indent=1)
-        f.write("\n")
+        f.write(f'{{"meta": {json.dumps(meta)},\n"fields": {json.dumps(Build._fields)},\n"builds": [\n{rows}\n]}}\n')
     described = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    accepted = "\n".join(f"- {line}" for line in measured_spills(builds)) or "none"
     with open(f"{stem}.md", "w") as f:
-        f.write(f"# Triton kernels compiled for sm_90 and sm_80 without a GPU\n\n{described}\n\n{tables(builds)}\n")
+        f.write(f"# Triton kernels compiled for sm_90 and sm_80 without a GPU\n\n{described}\n\n{tables(builds)}\n\n"
+                f"Spills on sm_90 accepted in the configuration measured on an H100:\n\n{accepted}\n")
+
+
+def load(path: str) -> list[Build]:
+    """The builds of a ``stem.json`` written by :func:`save`."""
+    with open(path) as f:
+        saved = json.load(f)
+    return [Build(**dict(zip(saved["fields"], row))) for row in saved["builds"]]
