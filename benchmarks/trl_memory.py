@@ -17,6 +17,7 @@ unmeasured first.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import platform
@@ -34,6 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tests import test_integration_trl as t  # noqa: E402
 from tests import test_integration_trl_loss as tl  # noqa: E402
+from lens_kernels.bench import report  # noqa: E402
 from lens_kernels.integrations.trl import LensGRPOTrainer  # noqa: E402
 
 VOCAB, HIDDEN, PROMPT = 32000, 256, 32
@@ -103,6 +105,9 @@ def main() -> None:
         model=f"random 1-layer Llama, hidden {HIDDEN}, vocabulary {VOCAB}, untied lm_head",
         versions=dict(torch=torch.__version__, trl=trl.__version__, python=platform.python_version()),
         machine=platform.machine(), results=results,
+        command="python benchmarks/trl_memory.py " + " ".join(sys.argv[1:]),
+        git_commit=report.git_commit() or "unknown",
+        date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("README.md", "docs/trainer.md", "docs/evidence/README.md")
+DOCS = ("README.md", "docs/trainer.md", "docs/evidence/README.md", "docs/integrations-trl.md")
 BLOCK = re.compile(r"(<!-- render:(?P<name>[\w-]+)(?P<options>[^>]*?) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
 H100_LOSS = "benchmarks/results/nvidia-h100-80gb-hbm3-target.json"
 H100_LINEAR = "benchmarks/results/h100-linear.json"
 CPU_LOSS = "benchmarks/results/cpu-amd-epyc-2c-sweep-1thread.json"
 TRAIN_DEFAULT = "docs/evidence/train-default.json"
+TRL_MEMORY = "benchmarks/results/trl-memory-cpu.json"
 STUDIES = {"default": "docs/evidence/study-default.json", "hard": "docs/evidence/study-hard.json"}
 
 
@@ -223,6 +224,20 @@ def checkpoint_hash(here: str) -> str:
     )
 
 
+def trl_memory(here: str) -> str:
+    """Peak CPU memory of one TRL loss step, TRL's loss against the fused loss (benchmarks/trl_memory.py)."""
+    data = load(TRL_MEMORY)
+    versions = data["versions"]
+    rows = [[r["autocast"], f"{r['rows']} x {r['completion']}", str(r["completion_tokens"]),
+             f"{r['trl_loss_peak_mib']:.0f} MiB", f"{r['fused_loss_peak_mib']:.0f} MiB"] for r in data["results"]]
+    return (
+        f"Measured on the CPU ({data['machine']}, torch {versions['torch']}, TRL {versions['trl']}, python "
+        f"{versions['python']}) at commit `{data['git_commit']}` on {data['date_utc']}: `{data['command']}` "
+        f"({link(TRL_MEMORY, here)}):\n\n"
+        + table(["autocast", "rows x completion", "completion tokens", "TRL's loss", "fused loss"], rows, left=2)
+    )
+
+
 # --- lens-study ------------------------------------------------------------------------------
 
 SUMMARY_METRICS = {"final pass@1": "final pass@1", "final pass@16": "final pass@16",
@@ -294,7 +309,7 @@ BLOCKS: dict[str, Callable[..., str]] = {
     "h100-loss": h100_loss, "h100-linear": h100_linear, "cpu-loss": cpu_loss,
     "train-table": train_table, "train-time": train_time, "train-phases": train_phases,
     "study-summary": study_summary, "study-hard": study_hard, "study-setup": study_setup,
-    "checkpoint-hash": checkpoint_hash,
+    "checkpoint-hash": checkpoint_hash, "trl-memory": trl_memory,
 }
 
 
