@@ -41,19 +41,23 @@ def _chunks(batch: int, length: int, vocab: int) -> Iterator[tuple[slice, slice]
                 yield slice(b, b + 1), slice(t, t + rows)
 
 
-def _scaled(chunk: torch.Tensor, dtype: torch.dtype, inv_temperature: float) -> torch.Tensor:
-    """``z = chunk / temperature`` in ``dtype``; the chunk itself (no copy) when that is it.
-    fp32: ``chunk * hi + chunk * lo`` with ``(hi, lo)`` the fp32 parts of ``1 / temperature``
-    (``x * fp32(1 / t)`` would bias every log-prob the same way); float64: ``chunk * (1 / t)``."""
-    chunk = chunk.to(dtype)
+def divide_by_temperature(z: torch.Tensor, inv_temperature: float, inplace: bool = False) -> torch.Tensor:
+    """``z / temperature`` (fp32 or float64 ``z``; overwriting it with ``inplace``).  fp32:
+    ``z * hi + z * lo`` with ``(hi, lo) = split_float(1 / t)`` (``z * fp32(1 / t)`` would bias
+    every log-prob the same way; ``lo`` has ``hi``'s sign, so an infinite logit stays
+    infinite); float64: ``z * (1 / t)``.  The torch paths' one temperature scaling."""
     if inv_temperature == 1.0:
-        return chunk
-    if dtype == torch.float64:
-        return chunk * inv_temperature
-    hi, lo = split_float(inv_temperature)
-    if lo == 0.0:  # 1 / t exact in fp32 (and an infinite logit must not meet inf * 0)
-        return chunk * hi
-    return torch.mul(chunk, hi).add_(chunk, alpha=lo)
+        return z
+    hi, lo = (inv_temperature, 0.0) if z.dtype == torch.float64 else split_float(inv_temperature)
+    low = z * lo if lo else None
+    z = z.mul_(hi) if inplace else z * hi
+    return z if low is None else z.add_(low)
+
+
+def _scaled(chunk: torch.Tensor, dtype: torch.dtype, inv_temperature: float) -> torch.Tensor:
+    """``z = chunk / temperature`` in ``dtype``; the chunk itself (no copy) when that is it."""
+    z = chunk.to(dtype)
+    return divide_by_temperature(z, inv_temperature, inplace=z is not chunk)
 
 
 def _ids(target_ids: torch.Tensor, vocab: int) -> torch.Tensor:

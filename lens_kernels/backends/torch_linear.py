@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..config import split_float
+from .torch_backend import divide_by_temperature
 
 # Bound on the temporaries of one rectangle (about three [rows, cols] buffers live at once).
 CHUNK_BYTES = 192 * 2**20
@@ -53,12 +53,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     z = h @ weight.T
     if bias is not None:
         z += bias
-    if inv_t == 1.0:
-        return z
-    if z.dtype == torch.float64:
-        return z.mul_(inv_t)
-    hi, lo = split_float(inv_t)
-    return z.mul(lo).add_(z.mul_(hi)) if lo else z.mul_(hi)  # lo has hi's sign: inf stays inf
+    return divide_by_temperature(z, inv_t, inplace=True)
 
 
 def _x_log_x(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
